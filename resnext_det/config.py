@@ -1,0 +1,62 @@
+# Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
+"""Config keys of resnext_det.
+
+Call :func:`add_resnext_config` on a Detectron2 config **before**
+``merge_from_file``, exactly as Detectron2's own projects do::
+
+    cfg = get_cfg()
+    add_resnext_config(cfg)
+    cfg.merge_from_file("configs/Base-ResNeXt-FPN.yaml")
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_resnext_config"]
+
+
+def add_resnext_config(cfg: CN) -> CN:
+    """Add the ``MODEL.RESNEXT`` node (and the fast-path solver keys) to ``cfg``.
+
+    The names follow the paper (Xie et al., CVPR 2017): C is the cardinality,
+    d the bottleneck width of one path in res2; the width doubles each stage.
+    Returns ``cfg`` for chaining. Calling it twice is harmless.
+    """
+    _C = cfg
+    _C.MODEL.RESNEXT = CN()
+    # Named preset of the paper's models, e.g. "X-50-32x4d", "X-101-64x4d", or a
+    # Table 2 setting ("1x64d", "2x40d", "4x24d", "8x14d", "32x4d", all depth 50).
+    # It sets DEPTH, CARDINALITY and BOTTLENECK_WIDTH; "" means use those keys.
+    _C.MODEL.RESNEXT.PRESET = ""
+    # Depth: 26, 38, 50, 101 or 152 (blocks per stage from Sec. 3.1 / Table 1).
+    _C.MODEL.RESNEXT.DEPTH = 50
+    # Blocks in res2..res5, overriding DEPTH when not empty, e.g. [2, 2, 2, 2].
+    _C.MODEL.RESNEXT.STAGE_BLOCKS = []
+    # Cardinality C: the number of paths (groups of the 3x3 conv). C=1 is a ResNet.
+    _C.MODEL.RESNEXT.CARDINALITY = 32
+    # Bottleneck width d of one path in res2; doubles in each later stage.
+    _C.MODEL.RESNEXT.BOTTLENECK_WIDTH = 4
+    # Which of the paper's equivalent forms (Fig. 3) computes the block:
+    # "a" C paths summed, "b" C paths concatenated then one 1x1, "c" grouped conv.
+    # All three share parameters and state-dict keys; "c" is the fast one.
+    _C.MODEL.RESNEXT.BLOCK_FORM = "c"
+    # Normalization after every conv: "FrozenBN" (the paper's fine-tuning setup),
+    # "BN", "SyncBN", "GN", "nnSyncBN", "naiveSyncBN", or "" for none.
+    _C.MODEL.RESNEXT.NORM = "FrozenBN"
+    # Put the stride-2 of a downsampling block on the first 1x1 conv (original
+    # MSRA ResNet, Caffe2 "MSRA" weights) instead of the 3x3. False for
+    # torchvision, timm, the Torch7 release and Detectron2's ImageNet X-* weights.
+    _C.MODEL.RESNEXT.STRIDE_IN_1X1 = False
+    # Dilation of res5's 3x3 convs: 1, or 2 to keep res5 at stride 16.
+    _C.MODEL.RESNEXT.RES5_DILATION = 1
+    # Backbone outputs, any of "stem", "res2", "res3", "res4", "res5".
+    # C4 models use ["res4"]; FPN models ["res2", "res3", "res4", "res5"].
+    _C.MODEL.RESNEXT.OUT_FEATURES = ["res4"]
+    # Freeze the first N parts: 0 nothing, 1 the stem, 2 stem+res2, ... 5 all.
+    _C.MODEL.RESNEXT.FREEZE_AT = 2
+    # Output channels of the 7x7 stem conv (64 in the paper).
+    _C.MODEL.RESNEXT.STEM_OUT_CHANNELS = 64
+    # Output channels of res2 (256 in the paper); doubles in each later stage.
+    _C.MODEL.RESNEXT.RES2_OUT_CHANNELS = 256
+    # Store backbone activations as channels_last (NHWC): faster convs on CPUs
+    # and tensor cores. Numerically the same model; see tools/benchmark.py.
+    _C.MODEL.RESNEXT.CHANNELS_LAST = False
+    return cfg
