@@ -404,6 +404,11 @@ class ResNeXt(ResNet):
 
 
 def _check_fpn_inputs(cfg, bottom_up: ResNeXt, in_features: Sequence[str]) -> None:
+    if not in_features:
+        raise ValueError(
+            "MODEL.FPN.IN_FEATURES is empty: name the ResNeXt stages the FPN reads, e.g. "
+            '["res2", "res3", "res4", "res5"] (or ["res3", "res4", "res5"] for RetinaNet).'
+        )
     missing = [f for f in in_features if f not in bottom_up.output_shape()]
     if missing:
         raise ValueError(
