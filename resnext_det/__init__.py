@@ -30,6 +30,9 @@ from .modeling import (
     resnext_spec_from_config,
 )
 from .presets import PRESETS, STAGE_BLOCKS
+from .checkpoint import ResNeXtCheckpointer, convert_weights
+from . import data as _  # registration: shapes_train, shapes_val
+from . import unshared as _  # noqa: F811  registration: UnsharedRCNN (Appendix B)
 
 __all__ = [
     "add_resnext_config",
@@ -43,4 +46,6 @@ __all__ = [
     "resnext_spec_from_config",
     "PRESETS",
     "STAGE_BLOCKS",
+    "ResNeXtCheckpointer",
+    "convert_weights",
 ]
