@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+# Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
+"""Train or evaluate a ResNeXt detector from a LazyConfig (Detectron2's Python configs).
+
+    python tools/lazyconfig_train_net.py --num-gpus 8 \\
+        --config-file configs/new_baselines/mask_rcnn_X_50_32x4d_FPN_1x.py
+    python tools/lazyconfig_train_net.py --config-file ... --eval-only \\
+        train.init_checkpoint=output/model_final.pth
+    python tools/lazyconfig_train_net.py --config-file ... --resume   # continue a killed run
+
+Overrides after the flags are ``key=value`` pairs on the config tree, e.g.
+``train.max_iter=1000 dataloader.train.total_batch_size=8 train.device=cpu``.
+This is Detectron2's ``tools/lazyconfig_train_net.py`` with resnext_det registered and
+checks that turn a wrong device or AMP setting into a message naming the override to pass.
+"""
+import logging
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+import resnext_det  # noqa: F401  registers backbones, heads and datasets
+
+logger = logging.getLogger("resnext_det")
+
+
+def check_device(cfg) -> None:
+    """Fail early, naming the override, when the config asks for hardware that is not here."""
+    device = str(cfg.train.get("device", "cuda"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"train.device = {device!r} but CUDA is not available: add the override "
+            "train.device=cpu (and train.amp.enabled=False)."
+        )
+    if cfg.train.get("amp", {}).get("enabled", False) and not device.startswith("cuda"):
+        raise RuntimeError(
+            f"train.amp.enabled = True needs a CUDA device, but train.device = {device!r}: "
+            "add the override train.amp.enabled=False."
+        )
+
+
+def do_test(cfg, model):
+    if "evaluator" in cfg.dataloader:
+        ret = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
+        print_csv_format(ret)
+        return ret
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+
+    # With --resume, continue from the last checkpoint in train.output_dir (its
+    # iteration, optimizer and scheduler state); otherwise start from init_checkpoint.
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    check_device(cfg)
+    default_setup(cfg, args)
+
+    if args.eval_only:
+        if not cfg.train.init_checkpoint:
+            raise ValueError(
+                "--eval-only evaluates train.init_checkpoint, which is empty: add the override "
+                "train.init_checkpoint=path/to/model_final.pth"
+            )
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = create_ddp_model(model)
+        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    do_train(args, cfg)
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli()
