@@ -50,7 +50,7 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
-have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+have() { PYTHONWARNINGS=ignore "$PY" -c "import $1" >/dev/null 2>&1; }
 
 if ! have torch || ! have torchvision; then
   log "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION (several GB; pip takes them from this machine's disk where they lie there)"
@@ -59,10 +59,15 @@ else
   log "torch $("$PY" -c 'import torch; print(torch.__version__)') already installed: kept"
 fi
 
-# Run-time dependencies of detectron2 and of this project (see pyproject.toml).
-if ! "$PY" -c 'import fvcore, iopath, pycocotools, omegaconf, hydra, yacs, termcolor, tabulate, cloudpickle, tqdm, tensorboard, matplotlib, pkg_resources, cv2, pytest, safetensors, timm, torchfile' >/dev/null 2>&1; then
-  log "installing detectron2's run-time dependencies"
+# Run-time dependencies of detectron2 and of this project (requirements.txt).
+# Re-installed whenever requirements.txt changes (its hash is kept in the venv).
+REQ_HASH="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$REQ_HASH" ]; then
+  log "installing the run-time dependencies of requirements.txt"
   "${PIP[@]}" install -r "$ROOT/requirements.txt"
+  echo "$REQ_HASH" > "$VENV/.requirements.sha256.tmp" && mv "$VENV/.requirements.sha256.tmp" "$VENV/.requirements.sha256"
+else
+  log "requirements.txt unchanged since the last install: skipped"
 fi
 
 if have detectron2; then
@@ -86,7 +91,7 @@ if ! "$PY" -c 'import importlib.metadata as m; m.distribution("resnext_det")' >/
   "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
 fi
 
-"$PY" - <<'PY'
+PYTHONWARNINGS=ignore "$PY" - <<'PY'
 import torch, detectron2, resnext_det
 print(f"[setup] ready: python {__import__('sys').version.split()[0]}, torch {torch.__version__}, "
       f"detectron2 {detectron2.__version__}, resnext_det {resnext_det.__version__}")
