@@ -35,14 +35,14 @@ def _metrics(out):
 @pytest.mark.slow
 def test_train_net_trains_and_evaluates(tmp_path):
     out = str(tmp_path / "run")
-    _run(["--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "30", "SOLVER.STEPS", "(25,)",
-          "TEST.EVAL_PERIOD", "30", "SOLVER.CHECKPOINT_PERIOD", "1000", "OUTPUT_DIR", out])
+    _run(["--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "40", "SOLVER.STEPS", "(35,)",
+          "TEST.EVAL_PERIOD", "40", "SOLVER.CHECKPOINT_PERIOD", "1000", "OUTPUT_DIR", out])
     rows = _metrics(out)
     losses = [r["total_loss"] for r in rows if "total_loss" in r]
     assert len(losses) >= 2
     # Detectron2 logs the median of the last 20 iterations: the last window must be
     # clearly below the first one.
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.85 * losses[0], losses
     evals = [r for r in rows if "bbox/AP" in r]
     assert evals, "no COCO evaluation in metrics.json"
     ap = evals[-1]["bbox/AP"]

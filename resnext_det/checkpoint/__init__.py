@@ -1,0 +1,57 @@
+# Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
+"""ImageNet backbone weights: convert every public format, record their input
+convention and architecture, load them strictly, prove them equal.
+
+* :func:`convert_weights` / :func:`save_converted` (``tools/convert_pretrained.py``)
+* :func:`verify_conversion`: source model vs our backbone on the same images
+* :class:`ResNeXtCheckpointer`: refuses weights that disagree with the config
+"""
+from .convert import (
+    FORMATS,
+    ConversionError,
+    ConversionResult,
+    convert_weights,
+    infer_arch,
+    save_converted,
+)
+from .loading import ResNeXtCheckpointer, WeightsRecord, attach_weights_record
+from .metadata import (
+    CONVENTIONS,
+    METADATA_KEY,
+    ArchInfo,
+    InputConvention,
+    WeightsConfigError,
+    WeightsMetadata,
+    check_weights_against_config,
+    config_pairs,
+    config_yaml,
+    format_opts,
+)
+from .readers import CheckpointReadError, read_weights_file
+from .verify import max_relative_error, verify_conversion
+
+__all__ = [
+    "FORMATS",
+    "CONVENTIONS",
+    "METADATA_KEY",
+    "ArchInfo",
+    "InputConvention",
+    "WeightsMetadata",
+    "ConversionError",
+    "ConversionResult",
+    "CheckpointReadError",
+    "WeightsConfigError",
+    "convert_weights",
+    "save_converted",
+    "infer_arch",
+    "read_weights_file",
+    "verify_conversion",
+    "max_relative_error",
+    "check_weights_against_config",
+    "config_pairs",
+    "config_yaml",
+    "format_opts",
+    "ResNeXtCheckpointer",
+    "WeightsRecord",
+    "attach_weights_record",
+]

@@ -1,0 +1,262 @@
+# Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
+"""Strict loading of ``MODEL.WEIGHTS``.
+
+Detectron2's :class:`DetectionCheckpointer` loads whatever names match and
+only *warns* about the rest, so a wrong file trains on half-random weights.
+:class:`ResNeXtCheckpointer` loads the same files, but when a fresh run starts
+from ``MODEL.WEIGHTS`` it refuses:
+
+* a missing, truncated or non-checkpoint file (clear message, no pickle trace);
+* raw torchvision / timm / Caffe2 ImageNet files (convert them first, so that
+  their input convention is recorded);
+* weights whose recorded architecture or input convention disagrees with the
+  config (the message lists the ``KEY VALUE`` pairs to set);
+* any backbone tensor (stem, res2..res5, including a C4 model's
+  ``roi_heads.res5``) that the file would leave at its random initialisation.
+
+Resuming from ``OUTPUT_DIR/last_checkpoint`` loads as Detectron2 does.
+"""
+import logging
+import os
+import re
+from typing import Dict, List, Tuple
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+from .metadata import (
+    METADATA_KEY,
+    WeightsConfigError,
+    WeightsMetadata,
+    check_weights_against_config,
+    metadata_from_config,
+)
+from .readers import _READ_ERRORS, CheckpointReadError, describe_read_failure, key_family
+
+__all__ = [
+    "ResNeXtCheckpointer",
+    "WeightsRecord",
+    "attach_weights_record",
+    "backbone_targets",
+    "classify_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+_BACKBONE_ONLY = re.compile(r"^(stem|res[2-5])\.")
+_NOT_REQUIRED = ("num_batches_tracked",)
+
+
+def classify_checkpoint(sd: Dict[str, object]) -> str:
+    """"backbone" (Detectron2 names, trunk only), "detector", or the raw
+    ImageNet family ("torchvision", "caffe2")."""
+    fam = key_family(sd)
+    if fam in ("torchvision", "caffe2"):
+        return fam
+    if any(k.startswith("backbone.") for k in sd):
+        return "detector"
+    if fam == "detectron2" or (sd and all(_BACKBONE_ONLY.match(k) for k in sd)):
+        return "backbone"
+    return "detector"
+
+
+def backbone_targets(model: torch.nn.Module) -> List[Tuple[str, str]]:
+    """(model prefix, backbone-checkpoint prefix) of every place backbone
+    weights go: the ResNet/ResNeXt trunk (``backbone.`` or
+    ``backbone.bottom_up.``) and a C4 model's ``roi_heads.res5.``."""
+    from detectron2.modeling.backbone.resnet import ResNet
+    from detectron2.modeling.roi_heads import Res5ROIHeads
+
+    out = []
+    for name, m in model.named_modules():
+        prefix = name + "." if name else ""
+        if isinstance(m, ResNet):
+            out.append((prefix, ""))
+        elif isinstance(m, Res5ROIHeads):
+            out.append((prefix + "res5.", "res5."))
+    return out
+
+
+def _required(keys, prefixes) -> List[str]:
+    return [k for k in keys if k.startswith(tuple(prefixes)) and not k.endswith(_NOT_REQUIRED)]
+
+
+class WeightsRecord:
+    """A checkpointable that stores the config's input convention and
+    architecture in every checkpoint the trainer saves (key ``"resnext_det"``),
+    so that a detector checkpoint can be checked like a converted backbone.
+    On resume it refuses a config that changed them."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def state_dict(self) -> dict:
+        return metadata_from_config(self.cfg).to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        check_weights_against_config(
+            WeightsMetadata.from_dict(state), self.cfg, weights="the last checkpoint of OUTPUT_DIR"
+        )
+
+
+def attach_weights_record(checkpointer, cfg) -> None:
+    """Add a :class:`WeightsRecord` to ``checkpointer`` (once)."""
+    if METADATA_KEY not in checkpointer.checkpointables:
+        checkpointer.add_checkpointable(METADATA_KEY, WeightsRecord(cfg))
+
+
+class ResNeXtCheckpointer(DetectionCheckpointer):
+    """:class:`DetectionCheckpointer` that loads ``MODEL.WEIGHTS`` strictly (see
+    the module docstring). Use it wherever a fresh run starts from weights::
+
+        ResNeXtCheckpointer(model, cfg=cfg).load(cfg.MODEL.WEIGHTS)
+    """
+
+    def __init__(self, model, save_dir: str = "", *, cfg=None, require: str = "backbone", **checkpointables):
+        """
+        Args:
+            model: the model to load into.
+            save_dir: as :class:`DetectionCheckpointer`.
+            cfg: the config; when given, the checkpoint's recorded input
+                convention and architecture must match it.
+            require: "backbone": every backbone tensor must come from the file
+                (fine-tuning: the heads start random); "all": every tensor
+                (evaluation).
+            checkpointables: as :class:`DetectionCheckpointer`.
+        """
+        super().__init__(model, save_dir, **checkpointables)
+        if require not in ("backbone", "all"):
+            raise ValueError(f"require must be 'backbone' or 'all', got {require!r}")
+        self.cfg = cfg
+        self.require = require
+        self._validate = True
+        self._path = ""
+
+    # -- entry points --------------------------------------------------------
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        """Resume from ``save_dir``'s last checkpoint as Detectron2 does, or load
+        ``path`` strictly."""
+        self._validate = not (resume and self.has_checkpoint())
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._validate = True
+
+    def load(self, path: str, checkpointables=None):
+        if path and "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"MODEL.WEIGHTS = {path!r}: no such file. Point MODEL.WEIGHTS at a backbone "
+                "converted by tools/convert_pretrained.py or at a detector checkpoint "
+                "(model_final.pth), or set MODEL.WEIGHTS '' to train from scratch."
+            )
+        self._path = path
+        return super().load(path, checkpointables)
+
+    # -- reading -------------------------------------------------------------
+    def _load_file(self, filename: str):
+        what = f"MODEL.WEIGHTS = {self._path or filename!r}"
+        try:
+            data = super()._load_file(filename)
+        except _READ_ERRORS as e:
+            raise CheckpointReadError(describe_read_failure(filename, e, what=what)) from e
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise CheckpointReadError(f"{what} is not a checkpoint: it holds no dict of weights")
+        return data
+
+    # -- loading -------------------------------------------------------------
+    def _load_model(self, checkpoint):
+        if not self._validate:
+            return super()._load_model(checkpoint)
+        what = f"MODEL.WEIGHTS = {self._path!r}"
+        sd = checkpoint["model"]
+        try:
+            self._convert_ndarray_to_tensor(sd)
+        except ValueError as e:
+            raise CheckpointReadError(f"{what} is not a checkpoint of weights: {e}") from e
+        if sd and all(k.startswith("module.") for k in sd):
+            sd = {k[len("module.") :]: v for k, v in sd.items()}
+        kind = classify_checkpoint(sd)
+        meta = checkpoint.get(METADATA_KEY)
+        meta = WeightsMetadata.from_dict(meta) if isinstance(meta, dict) else None
+
+        if kind in ("torchvision", "caffe2"):
+            raise WeightsConfigError(
+                f"{what} holds raw {kind} ImageNet weights. Detectron2 would load them by "
+                "name-matching heuristics, silently leave the rest random and not know their "
+                "input convention. Convert them first and use the config lines it prints:\n"
+                f"  python tools/convert_pretrained.py {self._path} {_suggest_output(self._path)}"
+            )
+        if kind == "backbone" and meta is None:
+            raise WeightsConfigError(
+                f"{what} is a backbone-only checkpoint that does not record its input "
+                "convention (it was not written by tools/convert_pretrained.py). Convert it:\n"
+                f"  python tools/convert_pretrained.py {self._path} {_suggest_output(self._path)} "
+                "--format detectron2 --convention torchvision|fair|detectron1|msra (see docs/weights.md)"
+            )
+        if meta is not None and self.cfg is not None:
+            for w in check_weights_against_config(meta, self.cfg, weights=self._path):
+                logger.warning(w)
+
+        targets = backbone_targets(self.model)
+        model_sd = self.model.state_dict()
+        if kind == "backbone":
+            if not targets:
+                raise WeightsConfigError(
+                    f"{what} is a ResNeXt/ResNet backbone, but the model has no ResNet-family "
+                    "backbone to load it into (MODEL.BACKBONE.NAME)"
+                )
+            mapped = {}
+            for mp, cp in targets:
+                for k in model_sd:
+                    if k.startswith(mp) and cp + k[len(mp) :] in sd:
+                        mapped[k] = sd[cp + k[len(mp) :]]
+            required = _required(model_sd, [mp for mp, _ in targets])
+            self._check_required(model_sd, mapped, required, what, backbone=True)
+            used = {cp + k[len(mp) :] for mp, cp in targets for k in mapped if k.startswith(mp)}
+            unused = sorted(set(sd) - used)
+            if unused:
+                logger.info(
+                    "%s: %d backbone tensors not used by this model, e.g. %s", what, len(unused), unused[:4]
+                )
+            checkpoint["model"] = mapped
+            checkpoint["matching_heuristics"] = False
+            logger.info(
+                "Loaded all %d backbone tensors of %s into %s", len(required), what,
+                ", ".join(repr(mp.rstrip(".") or "<model>") for mp, _ in targets),
+            )
+        else:
+            prefixes = [""] if self.require == "all" else [mp for mp, _ in targets]
+            required = _required(model_sd, prefixes)
+            self._check_required(model_sd, sd, required, what, backbone=self.require != "all")
+            checkpoint["model"] = sd
+        return super()._load_model(checkpoint)
+
+    def _check_required(self, model_sd, provided, required, what: str, *, backbone: bool) -> None:
+        missing = [k for k in required if k not in provided]
+        shapes = [
+            f"{k}: {tuple(provided[k].shape)} in the file, {tuple(model_sd[k].shape)} in the model"
+            for k in required
+            if k in provided and tuple(provided[k].shape) != tuple(model_sd[k].shape)
+        ]
+        if not missing and not shapes:
+            return
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} are not in the file, e.g. {missing[:6]}")
+        if shapes:
+            parts.append(
+                f"{len(shapes)} have another shape, e.g. {shapes[:3]}: the file holds another "
+                "architecture than the config builds (MODEL.RESNEXT.PRESET / DEPTH / CARDINALITY / "
+                "BOTTLENECK_WIDTH)"
+            )
+        scope = "backbone tensors" if backbone else "model tensors"
+        raise WeightsConfigError(
+            f"{what} would leave {len(missing) + len(shapes)} of the {len(required)} {scope} at "
+            f"their random initialisation: " + "; ".join(parts) + ". Detectron2 would only warn "
+            "and train on them; fix MODEL.WEIGHTS or the config."
+        )
+
+
+def _suggest_output(path: str) -> str:
+    base = os.path.splitext(os.path.basename(path or "weights"))[0]
+    return f"{base}-d2.pth"

@@ -1,0 +1,506 @@
+"""ImageNet weights: converted from torchvision / timm / Caffe2 files made here,
+loaded through MODEL.WEIGHTS into C4 and FPN detectors, and compared with the
+source model (torchvision's or timm's own network) on the same input. Every bad
+input is tried and its message checked."""
+import contextlib
+import importlib.util
+import io
+import os
+import pickle
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import resnext_det  # noqa: F401  registers the backbones and heads
+from resnext_det import add_resnext_config
+from resnext_det.checkpoint import (
+    CheckpointReadError,
+    ConversionError,
+    ResNeXtCheckpointer,
+    WeightsConfigError,
+    config_pairs,
+    convert_weights,
+    format_opts,
+    save_converted,
+    verify_conversion,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "convert_pretrained.py")
+STAGES = ("res2", "res3", "res4", "res5")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TOL = 1e-5  # relative to max(1, max |feature|)
+
+
+# --------------------------------------------------------------------------
+# Helpers (also used by tests/test_weights_*.py)
+# --------------------------------------------------------------------------
+@torch.no_grad()
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics and affine parameters (torchvision initialises them
+    to 0/1 and timm zeroes the last BN of each block, which would hide a wrongly
+    mapped or missing BN)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model
+
+
+def tv_resnext(layers=(2, 2, 2, 2), groups=4, width=4, seed=0) -> ResNet:
+    """A torchvision ResNeXt (same class as resnext50_32x4d), random, eval mode."""
+    torch.manual_seed(seed)
+    return randomize_bn(ResNet(Bottleneck, list(layers), groups=groups, width_per_group=width), seed).eval()
+
+
+@torch.no_grad()
+def tv_stages(model, x):
+    """layer1..layer4 outputs of a torchvision/timm ResNet."""
+    act = getattr(model, "relu", None) or model.act1
+    h = model.maxpool(act(model.bn1(model.conv1(x))))
+    out = {}
+    for s, layer in zip(STAGES, (model.layer1, model.layer2, model.layer3, model.layer4)):
+        h = layer(h)
+        out[s] = h
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+
+def detector_cfg(kind: str, pairs, *opts):
+    """A tiny detector config from a shipped base plus the converter's lines."""
+    cfg = get_cfg()
+    add_resnext_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", f"Base-ResNeXt-{kind}.yaml"))
+    cfg.merge_from_list(format_opts(pairs))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", 3, *opts])
+    return cfg
+
+
+def load_detector(cfg, **kw):
+    model = build_model(cfg).eval()
+    ResNeXtCheckpointer(model, cfg=cfg, **kw).load(cfg.MODEL.WEIGHTS)
+    return model
+
+
+@torch.no_grad()
+def detector_stages(model, x) -> dict:
+    """res2..res5 of a C4 (trunk + roi_heads.res5) or FPN (bottom_up) model."""
+    if hasattr(model.backbone, "bottom_up"):
+        return model.backbone.bottom_up(x)
+    trunk, out = model.backbone, {}
+    h = trunk.stem(x)
+    for name, stage in zip(trunk.stage_names, trunk.stages):
+        h = out[name] = stage(h)
+    assert torch.equal(trunk(x)["res4"], out["res4"])
+    out["res5"] = model.roi_heads.res5(out["res4"])
+    return out
+
+
+def normalized_input(size=64, batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g)
+
+
+def convert_to(path_in, path_out, **kw):
+    r = convert_weights(str(path_in), progress=False, **kw)
+    save_converted(r, str(path_out))
+    return r
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("convert_pretrained", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_tool(*args, check=True):
+    """tools/convert_pretrained.py's main() in this process (a subprocess per
+    call would spend most of the suite's time importing torch)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = _load_tool().main([*map(str, args), "--quiet"])
+    p = subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def tv26(tmp_path_factory):
+    """A depth-26, C=4, d=4 torchvision ResNeXt, saved and converted."""
+    d = tmp_path_factory.mktemp("tv26")
+    model = tv_resnext()
+    torch.save(model.state_dict(), d / "tv26.pth")
+    r = convert_to(d / "tv26.pth", d / "tv26-d2.pth")
+    return model, d, r
+
+
+# --------------------------------------------------------------------------
+# torchvision resnext50_32x4d: the real architecture, through the CLI
+# --------------------------------------------------------------------------
+def test_torchvision_resnext50_cli_c4_and_fpn_equal_source(tmp_path):
+    tv = randomize_bn(torchvision.models.resnext50_32x4d()).eval()
+    torch.save(tv.state_dict(), tmp_path / "resnext50_32x4d.pth")
+    out = tmp_path / "X-50-32x4d.pth"
+    p = run_tool(
+        tmp_path / "resnext50_32x4d.pth", out, "--arch", "X-50-32x4d", "--verify", "--verify-size", 64,
+        "--config-out", tmp_path / "x50.yaml", "--base", os.path.join(ROOT, "configs", "Base-ResNeXt-C4.yaml"),
+    )
+    # The printed lines: what a user copies.
+    for line in ("MODEL.RESNEXT.PRESET", "X-50-32x4d", "INPUT.FORMAT", "RGB", "MODEL.PIXEL_MEAN",
+                 "[123.675, 116.28, 103.53]", "[58.395, 57.12, 57.375]", "STRIDE_IN_1X1", "--verify passed"):
+        assert line in p.stdout
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["resnext_det"]["arch"]["cardinality"] == 32 and ckpt["resnext_det"]["input"]["format"] == "RGB"
+
+    # Raw 0-255 RGB images through the detector's own normalisation (the printed
+    # PIXEL_MEAN/STD) against torchvision's documented preprocessing.
+    img = torch.randint(0, 256, (3, 64, 64), generator=torch.Generator().manual_seed(3)).float()
+    x_tv = torchvision.transforms.functional.normalize(img / 255, IMAGENET_MEAN, IMAGENET_STD)[None]
+    ref = tv_stages(tv, x_tv)
+    for kind, cfg in (
+        ("C4", get_c4_cfg_from_yaml(tmp_path / "x50.yaml")),
+        ("FPN", detector_cfg("FPN", config_pairs(_meta(ckpt), str(out)))),
+    ):
+        model = load_detector(cfg)
+        x = model.preprocess_image([{"image": img}]).tensor
+        ours = detector_stages(model, x)
+        for s in STAGES:
+            assert rel_err(ours[s], ref[s]) < TOL, (kind, s, rel_err(ours[s], ref[s]))
+
+
+def get_c4_cfg_from_yaml(path):
+    cfg = get_cfg()
+    add_resnext_config(cfg)
+    cfg.merge_from_file(str(path))  # _BASE_ Base-ResNeXt-C4.yaml + the weight lines
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu"])
+    return cfg
+
+
+def _meta(ckpt):
+    from resnext_det.checkpoint import WeightsMetadata
+
+    return WeightsMetadata.from_dict(ckpt["resnext_det"])
+
+
+# --------------------------------------------------------------------------
+# Small models: every code path at CPU cost
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,norm", [("C4", "FrozenBN"), ("FPN", "FrozenBN"), ("FPN", "SyncBN"), ("C4", "BN")])
+def test_depth26_loads_every_backbone_tensor(tv26, kind, norm):
+    tv, d, r = tv26
+    cfg = detector_cfg(kind, config_pairs(r.metadata, str(d / "tv26-d2.pth")), "MODEL.RESNEXT.NORM", norm)
+    model = load_detector(cfg)
+    # Every backbone parameter and BN statistic equals the source tensor.
+    src = tv.state_dict()
+    trunk = model.backbone.bottom_up if kind == "FPN" else model.backbone
+    got = {k: v for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
+    if kind == "C4":
+        got.update({f"res5.{k}": v for k, v in model.roi_heads.res5.state_dict().items() if "num_batches" not in k})
+    assert len(got) == len(r.state_dict) == len([k for k in src if not k.startswith("fc.") and "num_batches" not in k])
+    assert torch.equal(got["stem.conv1.norm.running_var"], src["bn1.running_var"])
+    assert torch.equal(got["res5.1.conv2.weight"], src["layer4.1.conv2.weight"])
+    assert torch.equal(got["res3.0.shortcut.norm.running_mean"], src["layer2.0.downsample.1.running_mean"])
+    x = normalized_input()
+    ours, ref = detector_stages(model, x), tv_stages(tv, x)
+    for s in STAGES:
+        assert rel_err(ours[s], ref[s]) < TOL, (s, rel_err(ours[s], ref[s]))
+
+
+def test_plain_detectron2_checkpointer_also_loads_converted_file(tv26):
+    """Without resnext_det's checkpointer, Detectron2's name heuristics put the
+    converted file's res5 into a C4 model's roi_heads.res5 (and the trunk into
+    backbone.*): the file is a standard Detectron2 ImageNet checkpoint."""
+    tv, d, r = tv26
+    cfg = detector_cfg("C4", config_pairs(r.metadata, str(d / "tv26-d2.pth")))
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    x = normalized_input()
+    ours, ref = detector_stages(model, x), tv_stages(tv, x)
+    for s in STAGES:
+        assert rel_err(ours[s], ref[s]) < TOL
+
+
+@pytest.mark.parametrize("layers,groups,width", [((2, 2, 2, 2), 8, 2), ((3, 4, 6, 3), 2, 4), ((1, 2, 1, 1), 1, 64)])
+def test_architecture_inferred_from_shapes(tmp_path, layers, groups, width):
+    model = ResNet(Bottleneck, list(layers), groups=groups, width_per_group=width)
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    r = convert_weights(str(tmp_path / "m.pth"), progress=False)
+    a = r.metadata.arch
+    assert (a.stage_blocks, a.cardinality, a.bottleneck_width) == (tuple(layers), groups, width)
+    assert a.depth == 3 * sum(layers) + 2
+    assert a.preset == ""  # none of these is a named model of the paper
+    pairs = dict(config_pairs(r.metadata))
+    if a.standard_depth is None:  # [1, 2, 1, 1] has no DEPTH: the lines give the block table
+        assert pairs["MODEL.RESNEXT.STAGE_BLOCKS"] == list(layers) and pairs["MODEL.RESNEXT.PRESET"] == ""
+
+
+def test_timm_safetensors_and_wrapped_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+    from timm.models.resnet import Bottleneck as TimmBottleneck
+    from timm.models.resnet import ResNet as TimmResNet
+
+    torch.manual_seed(5)
+    tm = randomize_bn(TimmResNet(block=TimmBottleneck, layers=[2, 2, 2, 2], cardinality=8, base_width=2), 5).eval()
+    sd = tm.state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "tm.safetensors"))
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "state_dict_ema": ema, "epoch": 3},
+               tmp_path / "tm-train.pth")
+
+    x = normalized_input(seed=7)
+    ref = tv_stages(tm, x)
+    for name in ("tm.safetensors", "tm-train.pth"):
+        r = convert_to(tmp_path / name, tmp_path / f"{name}-d2.pth")
+        assert r.format == ("timm" if name.endswith("safetensors") else "torchvision")
+        assert (r.metadata.arch.cardinality, r.metadata.arch.bottleneck_width) == (8, 2)
+        cfg = detector_cfg("FPN", config_pairs(r.metadata, str(tmp_path / f"{name}-d2.pth")))
+        ours = detector_stages(load_detector(cfg), x)
+        for s in STAGES:
+            assert rel_err(ours[s], ref[s]) < TOL, (name, s)
+    # --verify's reference is timm's own network for timm files.
+    diffs = verify_conversion(convert_weights(str(tmp_path / "tm.safetensors"), progress=False), size=64)
+    assert max(dd / max(1, m) for dd, m in diffs.values()) < TOL
+    # --use-ema takes the EMA weights, which differ.
+    r_ema = convert_weights(str(tmp_path / "tm-train.pth"), use_ema=True, progress=False)
+    assert torch.equal(r_ema.state_dict["stem.conv1.weight"], sd["conv1.weight"] + 1)
+
+
+def tv_to_caffe2_blobs(sd, eps=1e-5) -> dict:
+    """Detectron's Caffe2 ImageNet layout (AffineChannel BN: _bn_s, _bn_b), written
+    from Detectron's naming: conv1_w, res_conv1_bn_*, resS_B_branch2{a,b,c}_*,
+    resS_B_branch1_*, fc1000_*."""
+    blobs = {}
+
+    def bn(name, p):
+        s = sd[p + ".weight"] / torch.sqrt(sd[p + ".running_var"] + eps)
+        blobs[name + "_bn_s"] = s.numpy()
+        blobs[name + "_bn_b"] = (sd[p + ".bias"] - sd[p + ".running_mean"] * s).numpy()
+
+    blobs["conv1_w"] = sd["conv1.weight"].numpy()
+    bn("res_conv1", "bn1")
+    for k in sd:
+        if k.startswith("layer") and k.endswith("conv1.weight"):
+            i, j = int(k[5]), int(k.split(".")[1])
+            c2, tv = f"res{i + 1}_{j}", f"layer{i}.{j}"
+            for br, n in (("branch2a", 1), ("branch2b", 2), ("branch2c", 3)):
+                blobs[f"{c2}_{br}_w"] = sd[f"{tv}.conv{n}.weight"].numpy()
+                bn(f"{c2}_{br}", f"{tv}.bn{n}")
+            if f"{tv}.downsample.0.weight" in sd:
+                blobs[f"{c2}_branch1_w"] = sd[f"{tv}.downsample.0.weight"].numpy()
+                bn(f"{c2}_branch1", f"{tv}.downsample.1")
+    blobs["fc1000_w"], blobs["fc1000_b"] = sd["fc.weight"].numpy(), sd["fc.bias"].numpy()
+    blobs["conv1_w_momentum"] = np.zeros_like(blobs["conv1_w"])
+    return blobs
+
+
+def test_caffe2_pkl_same_features_and_to_rgb(tmp_path, tv26):
+    tv, _, _ = tv26
+    with open(tmp_path / "X-26.pkl", "wb") as f:
+        pickle.dump({"blobs": tv_to_caffe2_blobs(tv.state_dict())}, f, protocol=2)
+    r = convert_to(tmp_path / "X-26.pkl", tmp_path / "bgr.pth", convention="fair")
+    assert r.format == "caffe2" and r.metadata.arch.norm == "affine"
+    assert r.metadata.input.format == "BGR" and r.metadata.input.pixel_std == (57.375, 57.12, 58.395)
+    assert sorted(r.dropped) == ["fc1000_b", "fc1000_w"]
+    x = normalized_input()
+    ref = tv_stages(tv, x)  # these weights, seen as "BGR" weights: x is in BGR order
+    cfg = detector_cfg("C4", config_pairs(r.metadata, str(tmp_path / "bgr.pth")))
+    assert cfg.INPUT.FORMAT == "BGR"
+    ours = detector_stages(load_detector(cfg), x)
+    for s in STAGES:
+        assert rel_err(ours[s], ref[s]) < TOL, s
+
+    # --to-rgb: the same image in RGB order gives the same features, with the
+    # shipped RGB bases' mean/std (FAIR's BGR mean/std reversed).
+    r = convert_to(tmp_path / "X-26.pkl", tmp_path / "rgb.pth", convention="fair", to_rgb=True)
+    assert r.metadata.input.format == "RGB" and r.metadata.input.pixel_mean == (123.675, 116.28, 103.53)
+    cfg = detector_cfg("FPN", config_pairs(r.metadata, str(tmp_path / "rgb.pth")))
+    ours = detector_stages(load_detector(cfg), x.flip(1))
+    for s in STAGES:
+        assert rel_err(ours[s], ref[s]) < TOL, s
+    diffs = verify_conversion(r, size=64)  # reference: a network that reads the blob names
+    assert max(dd / max(1, m) for dd, m in diffs.values()) < TOL
+
+    # Plain Detectron2 loads the raw .pkl by heuristics; resnext_det refuses it.
+    cfg = detector_cfg("C4", [("MODEL.WEIGHTS", str(tmp_path / "X-26.pkl"))])
+    with pytest.raises(WeightsConfigError, match="(?s)raw caffe2 ImageNet weights.*convert_pretrained.py"):
+        load_detector(cfg)
+
+
+def test_caffe2_files_need_a_convention(tmp_path):
+    tv = tv_resnext(groups=1, width=64)
+    with open(tmp_path / "R-26.pkl", "wb") as f:
+        pickle.dump(tv_to_caffe2_blobs(tv.state_dict()), f, protocol=2)
+    with pytest.raises(ConversionError, match="--convention fair.*--convention detectron1.*--convention msra"):
+        convert_weights(str(tmp_path / "R-26.pkl"), progress=False)
+    r = convert_weights(str(tmp_path / "R-26.pkl"), convention="msra", progress=False)
+    assert r.metadata.arch.stride_in_1x1 and r.metadata.input.pixel_std == (1.0, 1.0, 1.0)
+    # The MSRA stride placement is honoured by our backbone and the reference alike.
+    diffs = verify_conversion(r, size=64)
+    assert max(dd / max(1, m) for dd, m in diffs.values()) < TOL
+
+
+# --------------------------------------------------------------------------
+# Bad inputs, each with its message
+# --------------------------------------------------------------------------
+def test_arch_flag_disagreeing_with_weights_is_refused(tv26):
+    _, d, _ = tv26
+    p = run_tool(d / "tv26.pth", d / "never.pth", "--arch", "X-50-32x4d", check=False)
+    assert p.returncode == 2
+    assert "--arch X-50-32x4d (depth 50, C=32, d=4) does not match" in p.stderr
+    assert "blocks [2, 2, 2, 2], C=4, d=4" in p.stderr and "Traceback" not in p.stderr
+    assert not (d / "never.pth").exists()
+
+
+def test_verify_fails_on_wrong_stride_override(tv26):
+    _, d, _ = tv26
+    p = run_tool(d / "tv26.pth", d / "never.pth", "--stride-in-1x1", "true", "--verify", "--verify-size", 64, check=False)
+    assert p.returncode == 1 and "--verify FAILED" in p.stderr
+    assert not (d / "never.pth").exists()
+
+
+def test_bgr_weights_with_rgb_config_are_refused(tmp_path, tv26):
+    tv, _, _ = tv26
+    with open(tmp_path / "X-26.pkl", "wb") as f:
+        pickle.dump(tv_to_caffe2_blobs(tv.state_dict()), f, protocol=2)
+    r = convert_to(tmp_path / "X-26.pkl", tmp_path / "bgr.pth", convention="fair")
+    pairs = [p for p in config_pairs(r.metadata, str(tmp_path / "bgr.pth")) if not p[0].startswith(("INPUT", "MODEL.PIXEL"))]
+    cfg = detector_cfg("FPN", pairs)  # the base's RGB / torchvision mean and std
+    with pytest.raises(WeightsConfigError) as e:
+        load_detector(cfg)
+    msg = str(e.value)
+    assert "INPUT.FORMAT: the weights were trained on BGR input, the config feeds RGB" in msg
+    assert "--to-rgb" in msg and "MODEL.PIXEL_MEAN" in msg and "MODEL.PIXEL_STD" in msg
+    assert "INPUT.FORMAT BGR MODEL.PIXEL_MEAN [103.53, 116.28, 123.675]" in msg
+
+
+def test_architecture_mismatch_at_load_names_the_keys(tv26):
+    _, d, r = tv26
+    pairs = config_pairs(r.metadata, str(d / "tv26-d2.pth"))
+    cfg = detector_cfg("C4", pairs, "MODEL.RESNEXT.CARDINALITY", 8, "MODEL.RESNEXT.BOTTLENECK_WIDTH", 2)
+    with pytest.raises(WeightsConfigError, match=r"C=4, d=4.*config builds.*C=8, d=2") as e:
+        load_detector(cfg)
+    assert "MODEL.RESNEXT.CARDINALITY 4 MODEL.RESNEXT.BOTTLENECK_WIDTH 4" in str(e.value)
+    cfg = detector_cfg("FPN", pairs, "MODEL.RESNEXT.STRIDE_IN_1X1", True)
+    with pytest.raises(WeightsConfigError, match="MODEL.RESNEXT.STRIDE_IN_1X1"):
+        load_detector(cfg)
+
+
+def test_checkpoint_missing_a_stage_is_refused(tmp_path, tv26):
+    _, d, r = tv26
+    ckpt = torch.load(d / "tv26-d2.pth", weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("res4.1.")}
+    torch.save(ckpt, tmp_path / "holey.pth")
+    cfg = detector_cfg("FPN", config_pairs(r.metadata, str(tmp_path / "holey.pth")))
+    with pytest.raises(WeightsConfigError, match=r"would leave 15 of the \d+ backbone tensors at their random"):
+        load_detector(cfg)
+    # The converter refuses a source with a tensor missing.
+    sd = {k: v for k, v in tv26[0].state_dict().items() if k != "layer3.1.bn2.running_var"}
+    torch.save(sd, tmp_path / "holey-tv.pth")
+    with pytest.raises(ConversionError, match=r"1 tensors missing, e.g. \['res4.1.conv2.norm.running_var'\]"):
+        convert_weights(str(tmp_path / "holey-tv.pth"), progress=False)
+
+
+def _bad_files(tmp_path, good: str):
+    data = open(good, "rb").read()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    (tmp_path / "page.pth").write_text("<html>404 Not Found</html>")
+    return {
+        "truncated.pth": "truncated",
+        "random.pth": "not a",
+        "empty.pth": "empty|truncated",
+        "list.pth": "not a checkpoint|not a dict",
+        "page.pth": "not a",
+        "missing.pth": "no such file|does not exist",
+    }
+
+
+def test_unreadable_files_give_clear_errors(tmp_path, tv26):
+    _, d, r = tv26
+    cases = _bad_files(tmp_path, str(d / "tv26-d2.pth"))
+    cfg0 = detector_cfg("C4", config_pairs(r.metadata, str(d / "tv26-d2.pth")))
+    model = build_model(cfg0)
+    for name, pattern in cases.items():
+        path = str(tmp_path / name)
+        # Loading through MODEL.WEIGHTS.
+        with pytest.raises((CheckpointReadError, FileNotFoundError, WeightsConfigError)) as e:
+            ResNeXtCheckpointer(model, cfg=cfg0).load(path)
+        assert "MODEL.WEIGHTS" in str(e.value) and any(w in str(e.value) for w in pattern.split("|")), (name, e.value)
+        # Converting.
+        with pytest.raises(CheckpointReadError) as e:
+            convert_weights(path, progress=False)
+        assert any(w in str(e.value) for w in pattern.split("|")), (name, e.value)
+    p = run_tool(tmp_path / "truncated.pth", tmp_path / "x.pth", check=False)
+    assert p.returncode == 2 and "truncated" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_raw_torchvision_file_as_model_weights_is_refused(tv26):
+    _, d, r = tv26
+    cfg = detector_cfg("FPN", config_pairs(r.metadata, str(d / "tv26.pth")))
+    with pytest.raises(WeightsConfigError, match="(?s)raw torchvision ImageNet weights.*tools/convert_pretrained.py"):
+        load_detector(cfg)
+
+
+def test_variants_outside_the_paper_are_refused(tmp_path):
+    from timm.models.resnet import Bottleneck as TimmBottleneck
+    from timm.models.resnet import ResNet as TimmResNet
+
+    deep = TimmResNet(block=TimmBottleneck, layers=[1, 1, 1, 1], cardinality=2, base_width=4,
+                      stem_type="deep", avg_down=True)
+    torch.save(deep.state_dict(), tmp_path / "resnext-d.pth")
+    with pytest.raises(ConversionError, match="deep 3x3 stem.*average-pool shortcut"):
+        convert_weights(str(tmp_path / "resnext-d.pth"), progress=False)
+    sd = tv_resnext().state_dict()
+    sd["layer1.0.se.fc1.weight"] = torch.zeros(4, 256, 1, 1)
+    torch.save(sd, tmp_path / "se.pth")
+    with pytest.raises(ConversionError, match="squeeze-excitation"):
+        convert_weights(str(tmp_path / "se.pth"), progress=False)
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ConversionError, match="does not hold a ResNeXt/ResNet"):
+        convert_weights(str(tmp_path / "other.pth"), progress=False)
+
+
+def test_detectron2_format_files(tmp_path, tv26):
+    """Files already in Detectron2 names: Detectron2's own torchvision converter
+    output (a .pkl of numpy arrays), and a file we converted, converted again."""
+    tv, d, r = tv26
+    sd = {k: v.numpy() for k, v in r.state_dict.items()}
+    with open(tmp_path / "R-from-tv.pkl", "wb") as f:  # tools/convert-torchvision-to-d2.py's layout
+        pickle.dump({"model": sd, "__author__": "torchvision", "matching_heuristics": True}, f)
+    r2 = convert_weights(str(tmp_path / "R-from-tv.pkl"), progress=False)
+    assert r2.format == "detectron2" and r2.metadata.input == r.metadata.input
+    diffs = verify_conversion(r2, size=64)  # reference: Detectron2's own ResNet
+    assert max(dd / max(1, m) for dd, m in diffs.values()) < TOL
+    # A BGR file of ours, made RGB: the recorded convention is carried over and flipped.
+    with open(tmp_path / "X-26.pkl", "wb") as f:
+        pickle.dump(tv_to_caffe2_blobs(tv.state_dict()), f, protocol=2)
+    convert_to(tmp_path / "X-26.pkl", tmp_path / "bgr.pth", convention="fair")
+    r3 = convert_weights(str(tmp_path / "bgr.pth"), to_rgb=True, progress=False)
+    assert r3.metadata.input.format == "RGB" and r3.metadata.input.pixel_std == (58.395, 57.12, 57.375)
+    x = normalized_input()
+    cfg = detector_cfg("FPN", config_pairs(r3.metadata, str(tmp_path / "rgb.pth")))
+    save_converted(r3, str(tmp_path / "rgb.pth"))
+    ours, ref = detector_stages(load_detector(cfg), x.flip(1)), tv_stages(tv, x)
+    for s in STAGES:
+        assert rel_err(ours[s], ref[s]) < TOL
