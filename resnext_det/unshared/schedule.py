@@ -1,0 +1,654 @@
+# Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
+"""The paper's Appendix B schedule: RPN and Fast R-CNN that do not share
+features, trained one after the other, then COCO evaluation.
+
+Xie et al., CVPR 2017, Appendix B (numbers in ``UNSHARED.*``, see
+:mod:`resnext_det.unshared.config`):
+
+1. ``rpn``: an RPN-only model (Detectron2 ``ProposalNetwork``, backbone from
+   ``MODEL.WEIGHTS``), 8 GPUs x 2 images, 256 anchors per image, lr 0.02 for
+   120k iterations then 0.002 for 60k;
+2. ``proposals``: the trained RPN writes proposals for every training and test
+   dataset (Detectron2's proposal-file format);
+3. ``fast_rcnn``: a detector with its own backbone, again from ``MODEL.WEIGHTS``,
+   learning from the stored proposals only: 8 GPUs x 1 image, 64 RoIs per image,
+   lr 0.005 for 120k then 0.0005 for 60k. At the end the two trained networks
+   are written as one :class:`UnsharedRCNN` checkpoint, ``OUTPUT_DIR/model_final.pth``;
+4. ``eval``: COCO AP of the Fast R-CNN on the stored test proposals (the
+   paper's protocol) and of the end-to-end UnsharedRCNN, beside Table 8.
+
+Every stage works in its own folder ``OUTPUT_DIR/stage{k}_{name}`` and marks its
+completion with ``stage_done.json``. Rerunning skips finished stages and
+resumes an interrupted training stage from its last checkpoint.
+"""
+import datetime
+import io
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+
+import torch
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint import METADATA_KEY
+from ..engine.trainer import Trainer
+from ..presets import PRESETS
+from .proposals import (
+    atomic_write_bytes,
+    check_proposal_file,
+    dump_proposals,
+    proposal_file_meta,
+)
+
+__all__ = [
+    "STAGES",
+    "STAGE_DIRS",
+    "TABLE8",
+    "export_unshared_checkpoint",
+    "proposal_file",
+    "read_stage_marker",
+    "run_schedule",
+    "stage_configs",
+]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("rpn", "proposals", "fast_rcnn", "eval")
+STAGE_DIRS = {
+    "rpn": "stage1_rpn",
+    "proposals": "stage2_proposals",
+    "fast_rcnn": "stage3_fast_rcnn",
+    "eval": "stage4_eval",
+}
+MARKER = "stage_done.json"
+
+# Table 8 of the paper: Faster R-CNN on COCO minival (coco_2014_minival), keyed
+# by (depth, cardinality C, bottleneck width d). AP is COCO's AP@[.5:.95].
+TABLE8: Dict[tuple, Dict[str, Any]] = {
+    (50, 1, 64): {"backbone": "ResNet-50 (1x64d)", "AP50": 47.6, "AP": 26.5},
+    (50, 32, 4): {"backbone": "ResNeXt-50 (32x4d)", "AP50": 49.7, "AP": 27.5},
+    (101, 1, 64): {"backbone": "ResNet-101 (1x64d)", "AP50": 51.1, "AP": 29.8},
+    (101, 32, 4): {"backbone": "ResNeXt-101 (32x4d)", "AP50": 51.9, "AP": 30.0},
+}
+PAPER_TEST_SET = "coco_2014_minival"
+
+# Keys that do not change what a stage computes (ignored when a finished stage's
+# config is compared with the current one).
+_VOLATILE = (
+    "OUTPUT_DIR",
+    "DATALOADER.NUM_WORKERS",
+    "MODEL.DEVICE",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "TEST.EVAL_PERIOD",
+    "VIS_PERIOD",
+    "CUDNN_BENCHMARK",
+    "SEED",
+    "DATASETS.PROPOSAL_FILES_TRAIN",
+    "DATASETS.PROPOSAL_FILES_TEST",
+)
+# Solver keys that each stage takes from UNSHARED.{RPN,FAST_RCNN} instead.
+_PER_STAGE_SOLVER = ("IMS_PER_BATCH", "BASE_LR", "STEPS", "MAX_ITER")
+
+
+# ----------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------
+def _stage_dir(cfg: CfgNode, stage: str) -> str:
+    return os.path.join(cfg.OUTPUT_DIR, STAGE_DIRS[stage])
+
+
+def proposal_file(cfg: CfgNode, dataset_name: str, post_nms_topk: int) -> str:
+    """Where stage 2 writes the proposals of ``dataset_name`` (``post_nms_topk``
+    per image): ``OUTPUT_DIR/stage2_proposals/{dataset}_top{k}.pkl``."""
+    return os.path.join(_stage_dir(cfg, "proposals"), f"{dataset_name}_top{post_nms_topk}.pkl")
+
+
+def _check_solver_node(cfg: CfgNode, node: str) -> None:
+    s = cfg.UNSHARED[node]
+    key = f"UNSHARED.{node}"
+    if s.MAX_ITER <= 0:
+        raise ValueError(f"{key}.MAX_ITER must be > 0, got {s.MAX_ITER}.")
+    steps = list(s.STEPS)
+    if steps != sorted(steps) or any(not 0 < x < s.MAX_ITER for x in steps):
+        raise ValueError(
+            f"{key}.STEPS must increase and lie in (0, {key}.MAX_ITER={s.MAX_ITER}), got {steps}."
+        )
+    if s.BASE_LR <= 0 or s.IMS_PER_BATCH <= 0 or s.BATCH_SIZE_PER_IMAGE <= 0:
+        raise ValueError(
+            f"{key}.BASE_LR, IMS_PER_BATCH and BATCH_SIZE_PER_IMAGE must be > 0, got "
+            f"{s.BASE_LR}, {s.IMS_PER_BATCH}, {s.BATCH_SIZE_PER_IMAGE}."
+        )
+    ref = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if ref > 0 and s.IMS_PER_BATCH % ref:
+        raise ValueError(
+            f"{key}.IMS_PER_BATCH={s.IMS_PER_BATCH} is not a multiple of "
+            f"SOLVER.REFERENCE_WORLD_SIZE={ref} (the number of GPUs it is given for); "
+            "change one of them."
+        )
+
+
+def stage_configs(cfg: CfgNode) -> Dict[str, CfgNode]:
+    """The Detectron2 configs of the two training stages of the schedule.
+
+    Args:
+        cfg: a config with the ``UNSHARED`` node (:func:`add_resnext_config`).
+
+    Returns:
+        ``{"rpn": cfg_rpn, "fast_rcnn": cfg_fast_rcnn}``: plain Detectron2 configs
+        (``UNSHARED.ENABLED`` False) that train the stage when given to
+        :class:`DefaultTrainer`. ``cfg_rpn`` is a ``ProposalNetwork`` trained
+        with ``UNSHARED.RPN``; ``cfg_fast_rcnn`` a ``GeneralizedRCNN`` with
+        ``PrecomputedProposals`` trained with ``UNSHARED.FAST_RCNN`` on the files of
+        stage 2 (``DATASETS.PROPOSAL_FILES_TRAIN/TEST``). Both start from
+        ``MODEL.WEIGHTS`` and keep ``SOLVER.REFERENCE_WORLD_SIZE``, so that
+        Detectron2 scales them to the number of processes. Their ``OUTPUT_DIR``
+        are the stage folders.
+    """
+    if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals":
+        raise ValueError(
+            "The schedule trains its own RPN: set MODEL.PROPOSAL_GENERATOR.NAME to 'RPN' "
+            "(the stored proposals of stage 2 are used automatically)."
+        )
+    for node in ("RPN", "FAST_RCNN"):
+        _check_solver_node(cfg, node)
+    u = cfg.UNSHARED
+
+    base = cfg.clone()
+    base.defrost()
+    base.UNSHARED.ENABLED = False
+    base.MODEL.LOAD_PROPOSALS = False
+    base.DATASETS.PROPOSAL_FILES_TRAIN = ()
+    base.DATASETS.PROPOSAL_FILES_TEST = ()
+
+    rpn = base.clone()
+    rpn.MODEL.META_ARCHITECTURE = "ProposalNetwork"
+    rpn.MODEL.RPN.BATCH_SIZE_PER_IMAGE = u.RPN.BATCH_SIZE_PER_IMAGE
+    # ProposalNetwork computes proposals in training only to discard them (Detectron2:
+    # "about 5% slower"; on a CPU the NMS over 12000 boxes is ~40% of an iteration).
+    rpn.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 1
+    rpn.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1
+    for k in _PER_STAGE_SOLVER:
+        rpn.SOLVER[k] = u.RPN[k]
+    rpn.OUTPUT_DIR = _stage_dir(cfg, "rpn")
+
+    frcn = base.clone()
+    frcn.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    frcn.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
+    frcn.MODEL.LOAD_PROPOSALS = True
+    frcn.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = u.FAST_RCNN.BATCH_SIZE_PER_IMAGE
+    for k in _PER_STAGE_SOLVER:
+        frcn.SOLVER[k] = u.FAST_RCNN[k]
+    frcn.DATASETS.PROPOSAL_FILES_TRAIN = tuple(
+        proposal_file(cfg, n, u.PROPOSALS.TRAIN_POST_NMS_TOPK) for n in cfg.DATASETS.TRAIN
+    )
+    frcn.DATASETS.PROPOSAL_FILES_TEST = tuple(
+        proposal_file(cfg, n, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) for n in cfg.DATASETS.TEST
+    )
+    # Use all stored proposals: the same boxes as the end-to-end UnsharedRCNN.
+    frcn.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN = u.PROPOSALS.TRAIN_POST_NMS_TOPK
+    frcn.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST = cfg.MODEL.RPN.POST_NMS_TOPK_TEST
+    frcn.OUTPUT_DIR = _stage_dir(cfg, "fast_rcnn")
+
+    if cfg.is_frozen():
+        rpn.freeze()
+        frcn.freeze()
+    return {"rpn": rpn, "fast_rcnn": frcn}
+
+
+def _check_schedule_config(cfg: CfgNode, cli_opts: Sequence[str]) -> None:
+    if cfg.MODEL.META_ARCHITECTURE != "UnsharedRCNN":
+        raise ValueError(
+            "UNSHARED.ENABLED trains the Appendix B schedule, whose final checkpoint is an "
+            "UnsharedRCNN: set MODEL.META_ARCHITECTURE to 'UnsharedRCNN' (it was "
+            f"{cfg.MODEL.META_ARCHITECTURE!r}), e.g. start from "
+            "configs/COCO-Detection/Base-AppendixB-C4.yaml."
+        )
+    if cfg.MODEL.LOAD_PROPOSALS or cfg.DATASETS.PROPOSAL_FILES_TRAIN or cfg.DATASETS.PROPOSAL_FILES_TEST:
+        raise ValueError(
+            "The schedule computes its own proposals (stage 2): leave MODEL.LOAD_PROPOSALS "
+            "False and DATASETS.PROPOSAL_FILES_TRAIN/TEST empty."
+        )
+    if not cfg.DATASETS.TRAIN or not cfg.DATASETS.TEST:
+        raise ValueError("The schedule needs DATASETS.TRAIN and DATASETS.TEST (evaluated in stage 4).")
+    set_keys = {str(k) for k in list(cli_opts)[::2]}
+    wrong = [f"SOLVER.{k}" for k in _PER_STAGE_SOLVER if f"SOLVER.{k}" in set_keys]
+    if wrong:
+        raise ValueError(
+            f"{', '.join(wrong)} would be ignored: each stage of the schedule has its own "
+            "solver settings. Set UNSHARED.RPN.<KEY> and/or UNSHARED.FAST_RCNN.<KEY> instead."
+        )
+
+
+# ----------------------------------------------------------------------------
+# Stage markers
+# ----------------------------------------------------------------------------
+def read_stage_marker(cfg: CfgNode, stage: str) -> Optional[Dict[str, Any]]:
+    """The completion record of ``stage`` (its ``stage_done.json``), or None if
+    the stage has not finished."""
+    path = os.path.join(_stage_dir(cfg, stage), MARKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN/inf (COCO metrics of empty area ranges) as None: strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _write_json(path: str, obj: Any) -> None:
+    text = json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+def _flat(cfg: CfgNode, prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def _identity(cfg: CfgNode, stage: str) -> Dict[str, Any]:
+    """The config keys that determine what ``stage`` computes."""
+    keep_unshared = {"proposals": "UNSHARED.PROPOSALS.", "eval": "UNSHARED.EVAL_END_TO_END"}
+    flat = _flat(cfg)
+    return {
+        k: v
+        for k, v in flat.items()
+        if k not in _VOLATILE
+        and (not k.startswith("UNSHARED.") or k.startswith(keep_unshared.get(stage, "~")))
+    }
+
+
+def _stage_cfg_for_marker(cfg: CfgNode, cfgs: Dict[str, CfgNode], stage: str) -> CfgNode:
+    return cfgs["rpn"] if stage in ("rpn", "proposals") else cfgs["fast_rcnn"]
+
+
+def _warn_if_changed(cfg, cfgs, stage: str, marker: Dict[str, Any]) -> None:
+    old = marker.get("config_keys")
+    if not isinstance(old, dict):
+        return
+    new = json.loads(json.dumps(_identity(_stage_cfg_for_marker(cfg, cfgs, stage), stage), default=str))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        logger.warning(
+            f"Stage {stage!r} finished earlier with another config (differs in "
+            f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}); its result is kept. "
+            f"To redo it, delete {_stage_dir(cfg, stage)} (and the later stages' folders)."
+        )
+
+
+# ----------------------------------------------------------------------------
+# The stages
+# ----------------------------------------------------------------------------
+def _main_first(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` (a check) on the main process; if it fails, fail everywhere
+    instead of leaving the other processes waiting at the next barrier."""
+    err = None
+    if comm.is_main_process():
+        try:
+            fn()
+        except Exception as e:  # re-raised below, on every process
+            err = e
+    msgs = comm.all_gather(None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    if msgs[0] is not None:
+        raise RuntimeError(f"The main process stopped the schedule: {msgs[0]}")
+
+
+def _latest_losses(trainer: DefaultTrainer) -> Dict[str, float]:
+    try:
+        latest = trainer.storage.latest()
+    except AttributeError:
+        return {}
+    return {k: float(v[0]) for k, v in latest.items() if "loss" in k}
+
+
+def _train_stage(stage_cfg: CfgNode) -> Dict[str, Any]:
+    """Train one stage with Detectron2's trainer, resuming from the stage
+    folder's last checkpoint. Evaluation is left to stage 4."""
+    c = stage_cfg.clone()
+    c.defrost()
+    c.DATASETS.TEST = ()
+    c.DATASETS.PROPOSAL_FILES_TEST = ()
+    c.freeze()
+    if comm.is_main_process():
+        os.makedirs(c.OUTPUT_DIR, exist_ok=True)
+        atomic_write_bytes(os.path.join(c.OUTPUT_DIR, "config.yaml"), c.dump().encode())
+    trainer = Trainer(c)  # scales batch, lr and iterations to the world size
+    s = trainer.cfg.SOLVER
+    now = {"world_size": comm.get_world_size(), "ims_per_batch": s.IMS_PER_BATCH, "max_iter": s.MAX_ITER}
+    started = os.path.join(c.OUTPUT_DIR, "stage_started.json")
+    if os.path.isfile(started):
+        with open(started) as f:
+            before = json.load(f)
+        if before != now:
+            logger.warning(
+                f"{c.OUTPUT_DIR} was started with {before} and resumes with {now}: training "
+                "continues at the stored iteration of the new schedule."
+            )
+    comm.synchronize()
+    if comm.is_main_process():
+        _write_json(started, now)
+    trainer.resume_or_load(resume=True)
+    if trainer.start_iter >= trainer.max_iter:
+        logger.info(f"{c.OUTPUT_DIR} is trained to its MAX_ITER already; delete it to retrain.")
+    trainer.train()
+    comm.synchronize()
+    final = os.path.join(c.OUTPUT_DIR, "model_final.pth")
+    if not os.path.isfile(final):
+        raise RuntimeError(f"Training finished but {final} was not written.")
+    return {
+        "model_final": final,
+        "world_size": comm.get_world_size(),
+        "ims_per_batch": s.IMS_PER_BATCH,
+        "base_lr": s.BASE_LR,
+        "steps": list(s.STEPS),
+        "max_iter": s.MAX_ITER,
+        "final_losses": _latest_losses(trainer),
+    }
+
+
+def _stage_rpn(cfg, cfgs, force: bool) -> Dict[str, Any]:
+    return _train_stage(cfgs["rpn"])
+
+
+def _stage_proposals(cfg, cfgs, force: bool) -> Dict[str, Any]:
+    rpn_cfg = cfgs["rpn"]
+    weights = os.path.join(rpn_cfg.OUTPUT_DIR, "model_final.pth")
+    model = Trainer.build_model(rpn_cfg)
+    DetectionCheckpointer(model).load(weights)
+    u = cfg.UNSHARED.PROPOSALS
+    jobs = [("train", n, u.TRAIN_PRE_NMS_TOPK, u.TRAIN_POST_NMS_TOPK) for n in cfg.DATASETS.TRAIN]
+    jobs += [
+        ("test", n, cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
+        for n in cfg.DATASETS.TEST
+    ]
+    # The RPN weights identify the proposals: files of another RPN are not reused.
+    source = {"rpn_weights": os.path.abspath(weights), "rpn_mtime": os.path.getmtime(weights)}
+    out: Dict[str, Any] = {}
+    for role, name, pre, post in jobs:
+        path = proposal_file(cfg, name, post)
+        key = f"{role}:{name}"
+        if any(v.get("file") == path for v in out.values()):
+            continue  # a dataset both trained and tested on, with one top-k
+        expected = dict(source, dataset=name, pre_nms_topk=pre, post_nms_topk=post)
+        if not force and proposal_file_meta(path) == expected:
+            logger.info(f"Proposals for {name}: {path} exists (written by an interrupted run)")
+            out[key] = {"file": path}
+            continue
+        stats = dump_proposals(
+            model,
+            rpn_cfg,
+            name,
+            path,
+            pre_nms_topk=pre,
+            post_nms_topk=post,
+            meta=source,
+            recall=role == "test",
+        )
+        out[key] = stats or {"file": path}
+    return out
+
+
+def export_unshared_checkpoint(rpn_weights: str, fast_rcnn_weights: str, output_file: str) -> str:
+    """Write the two trained networks as one :class:`UnsharedRCNN` checkpoint
+    (keys ``rpn.*`` and ``fast_rcnn.*``), atomically, and tag it as the last
+    checkpoint of its folder (so ``--eval-only --resume`` finds it)."""
+    model: Dict[str, torch.Tensor] = {}
+    out: Dict[str, Any] = {"__stages__": {"rpn": rpn_weights, "fast_rcnn": fast_rcnn_weights}}
+    for prefix, path in (("rpn.", rpn_weights), ("fast_rcnn.", fast_rcnn_weights)):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model.update({prefix + k: v for k, v in ckpt.get("model", ckpt).items()})
+        if METADATA_KEY in ckpt:  # input convention and architecture, checked when loaded
+            out[METADATA_KEY] = ckpt[METADATA_KEY]
+    out["model"] = model
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    atomic_write_bytes(output_file, buf.getvalue())
+    folder = os.path.dirname(os.path.abspath(output_file))
+    atomic_write_bytes(os.path.join(folder, "last_checkpoint"), os.path.basename(output_file).encode())
+    return output_file
+
+
+def _stage_fast_rcnn(cfg, cfgs, force: bool) -> Dict[str, Any]:
+    frcn = cfgs["fast_rcnn"]
+    for name, path in zip(frcn.DATASETS.TRAIN, frcn.DATASETS.PROPOSAL_FILES_TRAIN):
+        _main_first(lambda name=name, path=path: check_proposal_file(path, name))
+    res = _train_stage(frcn)
+    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    if comm.is_main_process():
+        rpn_final = os.path.join(cfgs["rpn"].OUTPUT_DIR, "model_final.pth")
+        export_unshared_checkpoint(rpn_final, res["model_final"], final)
+        logger.info(f"UnsharedRCNN (both networks) written to {final}")
+    comm.synchronize()
+    res["unshared_model"] = final
+    return res
+
+
+def _evaluate(cfg: CfgNode, model, folder: str) -> Dict[str, Any]:
+    results = {}
+    for name in cfg.DATASETS.TEST:
+        evaluator = Trainer.build_evaluator(cfg, name, os.path.join(folder, name))
+        res = inference_on_dataset(model, Trainer.build_test_loader(cfg, name), evaluator)
+        if comm.is_main_process():
+            logger.info(f"Evaluation of {name} ({folder}):")
+            print_csv_format(res)
+        results[name] = res
+    return results
+
+
+def _paper_row(cfg: CfgNode) -> Optional[Dict[str, Any]]:
+    r = cfg.MODEL.RESNEXT
+    if r.STAGE_BLOCKS:
+        return None
+    if r.PRESET:
+        p = PRESETS.get(r.PRESET)
+        key = (p.depth, p.cardinality, p.bottleneck_width) if p else None
+    else:
+        key = (r.DEPTH, r.CARDINALITY, r.BOTTLENECK_WIDTH)
+    return TABLE8.get(key)
+
+
+_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def _markdown(results: Dict[str, Any]) -> str:
+    def fmt(v):
+        return "–" if v is None or not math.isfinite(v) else f"{v:.1f}"
+
+    lines = [
+        "# Appendix B schedule: COCO box AP",
+        "",
+        "| model | dataset | " + " | ".join(_COLUMNS) + " |",
+        "|---|---|" + "---|" * len(_COLUMNS),
+    ]
+    labels = {
+        "stored_proposals": "ours: Fast R-CNN on stored proposals (stage 4)",
+        "end_to_end": "ours: UnsharedRCNN end to end",
+    }
+    for kind, label in labels.items():
+        for name, res in (results.get(kind) or {}).items():
+            box = res.get("bbox", {})
+            lines.append(f"| {label} | {name} | " + " | ".join(fmt(box.get(c)) for c in _COLUMNS) + " |")
+    paper = results.get("paper_table8")
+    if paper:
+        lines.append(
+            f"| paper, Table 8: {paper['backbone']} | {PAPER_TEST_SET} | "
+            + " | ".join(fmt(paper.get(c)) for c in _COLUMNS)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _stage_eval(cfg, cfgs, force: bool) -> Dict[str, Any]:
+    folder = _stage_dir(cfg, "eval")
+    frcn = cfgs["fast_rcnn"].clone()
+    frcn.defrost()
+    frcn.OUTPUT_DIR = folder
+    frcn.freeze()
+    for name, path in zip(frcn.DATASETS.TEST, frcn.DATASETS.PROPOSAL_FILES_TEST):
+        _main_first(lambda name=name, path=path: check_proposal_file(path, name))
+    model = Trainer.build_model(frcn)
+    DetectionCheckpointer(model).load(os.path.join(cfgs["fast_rcnn"].OUTPUT_DIR, "model_final.pth"))
+    results: Dict[str, Any] = {
+        "stored_proposals": _evaluate(frcn, model, os.path.join(folder, "stored_proposals"))
+    }
+    del model
+    if cfg.UNSHARED.EVAL_END_TO_END:
+        model = Trainer.build_model(cfg)  # UnsharedRCNN
+        DetectionCheckpointer(model).load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+        results["end_to_end"] = _evaluate(cfg, model, os.path.join(folder, "end_to_end"))
+    results["paper_table8"] = _paper_row(cfg)
+    if comm.is_main_process():
+        _write_json(os.path.join(folder, "results.json"), results)
+        md = _markdown(results)
+        atomic_write_bytes(os.path.join(folder, "results.md"), md.encode())
+        logger.info("Appendix B results (also in %s):\n%s", os.path.join(folder, "results.md"), md)
+    return results
+
+
+_RUNNERS = {
+    "rpn": _stage_rpn,
+    "proposals": _stage_proposals,
+    "fast_rcnn": _stage_fast_rcnn,
+    "eval": _stage_eval,
+}
+
+
+def _plan(cfg: CfgNode, cfgs: Dict[str, CfgNode], world: int) -> str:
+    ref = cfg.SOLVER.REFERENCE_WORLD_SIZE or world
+    rows = [f"Appendix B schedule on {world} process(es) (reference: {ref}), OUTPUT_DIR={cfg.OUTPUT_DIR}"]
+    for i, (stage, model) in enumerate((("rpn", "ProposalNetwork"), ("fast_rcnn", "Fast R-CNN"))):
+        c = cfgs[stage]
+        d2_logger = logging.getLogger("detectron2.engine.defaults")
+        level = d2_logger.level
+        d2_logger.setLevel(logging.WARNING)  # it logs the scaling again when the stage starts
+        try:
+            s = DefaultTrainer.auto_scale_workers(c, world).SOLVER
+        finally:
+            d2_logger.setLevel(level)
+        scaled = "" if s.IMS_PER_BATCH == c.SOLVER.IMS_PER_BATCH else " (linear scaling rule)"
+        rows.append(
+            f"  stage {2 * i + 1} {stage:9s} {model:15s} on {'+'.join(c.DATASETS.TRAIN)}: "
+            f"batch {c.SOLVER.IMS_PER_BATCH} -> {s.IMS_PER_BATCH}, lr {c.SOLVER.BASE_LR:g} -> "
+            f"{s.BASE_LR:g} (x{c.SOLVER.GAMMA:g} at {list(c.SOLVER.STEPS)} -> {list(s.STEPS)}), "
+            f"iterations {c.SOLVER.MAX_ITER} -> {s.MAX_ITER}{scaled}"
+        )
+        if i == 0:
+            u = cfg.UNSHARED.PROPOSALS
+            rows.append(
+                f"  stage 2 proposals for {'+'.join(cfg.DATASETS.TRAIN)} (top {u.TRAIN_POST_NMS_TOPK}) "
+                f"and {'+'.join(cfg.DATASETS.TEST)} (top {cfg.MODEL.RPN.POST_NMS_TOPK_TEST})"
+            )
+    rows.append(f"  stage 4 eval      COCO AP on {'+'.join(cfg.DATASETS.TEST)}")
+    return "\n".join(rows)
+
+
+def _share_cpu_cores(cfg: CfgNode) -> None:
+    """Several CPU processes on one machine: one share of the cores each (PyTorch would
+    give every process all of them, and oversubscribed threads crawl). OMP_NUM_THREADS,
+    when set, wins."""
+    local = comm.get_local_size()
+    if torch.device(cfg.MODEL.DEVICE).type != "cpu" or local <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+    logger.info(f"{local} CPU processes on this machine: {threads} thread(s) each")
+
+
+def run_schedule(
+    cfg: CfgNode, *, stage: Optional[str] = None, cli_opts: Iterable[str] = ()
+) -> Dict[str, Any]:
+    """Run the Appendix B schedule (all stages, or one), on every process of a
+    Detectron2 ``launch``.
+
+    Finished stages (with a ``stage_done.json``) are skipped; an interrupted
+    training stage resumes from its last checkpoint; proposal files already
+    written are kept.
+
+    Args:
+        cfg: the schedule's config (``UNSHARED.ENABLED``,
+            ``MODEL.META_ARCHITECTURE: UnsharedRCNN``).
+        stage: run only this stage (one of :data:`STAGES`), even if it finished
+            before; the earlier stages must have finished.
+        cli_opts: the command line's ``KEY VALUE`` overrides, to refuse solver
+            keys that the stages would ignore.
+
+    Returns:
+        The results of stage 4 (COCO metrics per test set, stored proposals and
+        end to end, and the paper's Table 8 row) when it ran or was done, else
+        the results of the stages run, by stage name. Metrics are complete on
+        the main process only.
+    """
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}.")
+    # Detectron2's default_setup configures its own loggers only.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="resnext_det")
+    _check_schedule_config(cfg, list(cli_opts))
+    _share_cpu_cores(cfg)
+    if not cfg.MODEL.WEIGHTS:
+        logger.warning(
+            "MODEL.WEIGHTS is empty: both backbones train from scratch. The paper fine-tunes "
+            "ImageNet-1K weights (Appendix B); set MODEL.WEIGHTS to a converted checkpoint."
+        )
+    cfgs = stage_configs(cfg)
+    world = comm.get_world_size()
+    logger.info(_plan(cfg, cfgs, world))
+    results: Dict[str, Any] = {}
+    for k, name in enumerate(STAGES):
+        if stage is not None and name != stage:
+            continue
+        marker = read_stage_marker(cfg, name)
+        if marker is not None and stage is None:
+            _warn_if_changed(cfg, cfgs, name, marker)
+            logger.info(f"Stage {k + 1} ({name}) finished on {marker['finished']}: skipped.")
+            results[name] = marker.get("results", {})
+            continue
+        for prev in STAGES[:k]:
+            if read_stage_marker(cfg, prev) is None:
+                raise RuntimeError(
+                    f"Stage {name!r} needs stage {prev!r}, which has not finished in "
+                    f"{cfg.OUTPUT_DIR}: run the whole schedule (no --stage) or `--stage {prev}`."
+                )
+        logger.info(f"Stage {k + 1} ({name}): starting in {_stage_dir(cfg, name)}")
+        t0 = time.perf_counter()
+        res = _RUNNERS[name](cfg, cfgs, stage is not None)
+        comm.synchronize()
+        seconds = time.perf_counter() - t0
+        if comm.is_main_process():
+            _write_json(
+                os.path.join(_stage_dir(cfg, name), MARKER),
+                {
+                    "stage": name,
+                    "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "seconds": round(seconds, 1),
+                    "world_size": world,
+                    "results": res,
+                    "config_keys": _identity(_stage_cfg_for_marker(cfg, cfgs, name), name),
+                },
+            )
+            logger.info(f"Stage {k + 1} ({name}) finished in {seconds:.0f} s")
+        comm.synchronize()
+        results[name] = res
+    return results.get("eval", results)
