@@ -59,4 +59,24 @@ def add_resnext_config(cfg: CN) -> CN:
     # Store backbone activations as channels_last (NHWC): faster convs on CPUs
     # and tensor cores. Numerically the same model; see tools/benchmark.py.
     _C.MODEL.RESNEXT.CHANNELS_LAST = False
+    # Fast path (resnext_det/fast, docs/performance.md); each switch keeps the model
+    # and its checkpoints the same. ROIAlign as a sparse matrix product on CPU
+    # (torchvision's CPU kernel is single-threaded, its backward very slow).
+    _C.MODEL.RESNEXT.FAST_ROI_ALIGN = False
+    # Apply FrozenBN to the conv weights instead of the activations in training,
+    # and fold it into them (on a copy) for inference. Needs NORM "FrozenBN".
+    _C.MODEL.RESNEXT.FOLD_FROZEN_BN = False
+    # torch.compile the backbone in place (needs a C++ compiler on CPU). Off by default.
+    _C.MODEL.RESNEXT.COMPILE = False
+    # Autocast dtype when SOLVER.AMP.ENABLED (Detectron2's key) is True, in training
+    # and inference: "auto" (bfloat16 on CPU, float16 with loss scaling on CUDA),
+    # "bfloat16" or "float16". (Set only on full Detectron2 configs, which have SOLVER.AMP.)
+    if "SOLVER" in _C and "AMP" in _C.SOLVER:
+        _C.SOLVER.AMP.PRECISION = "auto"
+
+    # UNSHARED.*: the Appendix B staged schedule (resnext_det/unshared/config.py).
+    # Imported here, not at the top: resnext_det.unshared imports this module.
+    from .unshared.config import add_unshared_config
+
+    add_unshared_config(cfg)
     return cfg

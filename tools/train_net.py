@@ -5,20 +5,20 @@
     python tools/train_net.py --config-file configs/Base-ResNeXt-FPN.yaml --num-gpus 8
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth
     python tools/train_net.py --config-file ... --resume   # continue a killed run
+    # Appendix B (UNSHARED.ENABLED): RPN, proposals, Fast R-CNN, eval; rerun to resume
+    python tools/train_net.py --config-file configs/COCO-Detection/faster_rcnn_X_101_32x4d_C4_appendixB.yaml --num-gpus 8
+    python tools/train_net.py --config-file ...appendixB.yaml --stage eval   # one stage alone
 
 Any ``KEY VALUE`` pairs after the flags override the config (Detectron2's ``opts``).
 """
-import logging
-
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 
 import resnext_det  # noqa: F401  registers backbones, heads and datasets
+from resnext_det.checkpoint import ResNeXtCheckpointer
 from resnext_det.engine import Trainer, setup_cfg
-
-logger = logging.getLogger("resnext_det")
+from resnext_det.unshared import STAGES, run_schedule
 
 
 def setup(args):
@@ -30,7 +30,8 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # Strict: refuses weights that leave any tensor random or disagree with the config.
+        ResNeXtCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg, require="all").resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
@@ -38,14 +39,21 @@ def main(args):
             verify_results(cfg, res)
         return res
 
+    if cfg.UNSHARED.ENABLED:  # Appendix B: RPN, proposals, Fast R-CNN, evaluation
+        return run_schedule(cfg, stage=args.stage, cli_opts=args.opts)
+    if args.stage:
+        raise ValueError("--stage is for the Appendix B schedule: set UNSHARED.ENABLED True")
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
-    logger.info("Command Line Args: %s", args)
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--stage", choices=STAGES, help="run one stage of the Appendix B schedule (UNSHARED.*)"
+    )
+    args = parser.parse_args(argv)  # default_setup logs them once the logger exists
     return launch(
         main,
         args.num_gpus,
