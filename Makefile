@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest tests
 
 demo: setup
-	$(PY) tools/run_demo.py
+	$(PY) tools/run_demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf output

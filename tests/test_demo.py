@@ -1,0 +1,278 @@
+"""`make demo` (tools/run_demo.py), tools/demo.py and tools/plot_results.py.
+
+The demo pipeline runs at a few iterations on a tiny shapes set (8 train / 8 val
+images, generated here) and every output is checked against an independent
+reading: PNG sizes against the source images read with PIL, the AP of
+final_results.json against pycocotools run on the stored detections, APl against
+the ground truth's object areas. The full-length AP target is checked by `make demo`
+itself, not here.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import plot_results  # noqa: E402  tools/plot_results.py
+
+CONFIG = "configs/quickstart/faster_rcnn_X_26_8x4d_FPN_shapes_appendixB.yaml"
+# A tiny model and input on top of the demo config: the pipeline, not the accuracy.
+TINY = [
+    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+    "UNSHARED.RPN.IMS_PER_BATCH", "2", "UNSHARED.FAST_RCNN.IMS_PER_BATCH", "2",
+    "UNSHARED.PROPOSALS.TRAIN_POST_NMS_TOPK", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "32",
+    "DATALOADER.NUM_WORKERS", "0",
+]
+BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+NUM_VAL = 8
+
+
+def _run(script, args, env, check=True, timeout=900):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", script), *args], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+# ----------------------------------------------------------------------------- plot_results
+def _fake_metrics(path, losses, evals=()):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for it, row in losses:
+            f.write(json.dumps({"iteration": it, "lr": 0.01, **row}) + "\n")
+        for it, ap in evals:
+            f.write(json.dumps({"iteration": it, "bbox/AP": ap, "bbox/AP50": ap + 20, "bbox/AP75": ap - 5}) + "\n")
+
+
+def test_plot_results_on_fake_metrics(tmp_path):
+    out = tmp_path / "run"
+    _fake_metrics(str(out / "stage1_rpn" / "metrics.json"),
+                  [(i, {"total_loss": 1.0 / (i + 1), "loss_rpn_cls": 0.6 / (i + 1), "loss_rpn_loc": 0.4 / (i + 1)})
+                   for i in range(19, 200, 20)])
+    _fake_metrics(str(out / "stage3_fast_rcnn" / "metrics.json"),
+                  [(i, {"total_loss": 2.0 / (i + 1), "loss_cls": 1.5 / (i + 1), "loss_box_reg": 0.5 / (i + 1)})
+                   for i in range(19, 200, 20)], evals=[(99, 20.0), (199, 40.0)])
+    # A run killed while writing leaves a half line at the end: skipped.
+    with open(out / "stage3_fast_rcnn" / "metrics.json", "a") as f:
+        f.write('{"iteration": 219, "total_lo')
+
+    runs = plot_results.find_runs(str(out))
+    assert list(runs) == ["stage1_rpn", "stage3_fast_rcnn"]
+    rows = plot_results.read_metrics(runs["stage3_fast_rcnn"])
+    assert len(rows) == 12 and rows[-1]["bbox/AP"] == 40.0
+    assert plot_results.loss_keys(rows) == ["total_loss", "loss_box_reg", "loss_cls"]
+
+    assert plot_results.main([str(out)]) == 0
+    # One panel of 6.4 x 4.2 inches at 100 dpi (matplotlib's figsize x dpi) per run:
+    # both runs have losses, only the second one evaluated.
+    for name, size in (("loss_curves.png", (1280, 420)), ("ap_curves.png", (640, 420))):
+        with Image.open(out / name) as im:
+            im.load()
+            assert im.format == "PNG" and im.size == size, (name, im.size)
+            assert np.asarray(im.convert("L")).std() > 5  # something is drawn
+    assert not [f for f in os.listdir(out) if f.startswith(".plot-")]  # no temp files left
+
+
+def test_plot_results_errors(tmp_path):
+    bad = tmp_path / "bad" / "metrics.json"
+    bad.parent.mkdir()
+    bad.write_text('{"iteration": 0, "total_loss": 1}\nnot json\n{"iteration": 1}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        plot_results.read_metrics(str(bad))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert plot_results.main([str(empty)]) == 2  # no metrics.json: a message, not a traceback
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        plot_results.find_runs(str(tmp_path / "missing"))
+    no_loss = tmp_path / "noloss" / "metrics.json"
+    no_loss.parent.mkdir()
+    no_loss.write_text('{"iteration": 0, "lr": 0.1}\n')
+    with pytest.raises(ValueError, match="No losses"):
+        plot_results.plot_loss_curves({"x": str(no_loss)}, str(tmp_path / "x.png"))
+    assert plot_results.plot_ap_curves({"x": str(no_loss)}, str(tmp_path / "ap.png")) is None
+
+
+# ----------------------------------------------------------------------------- the pipeline
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo at 3 + 3 iterations on 8 + 8 tiny shapes images."""
+    from resnext_det.data import generate_shapes
+
+    base = tmp_path_factory.mktemp("demo")
+    data = base / "datasets"
+    generate_shapes(str(data / "shapes"), num_train=8, num_val=NUM_VAL, seed=3)
+    env = dict(os.environ, DETECTRON2_DATASETS=str(data))
+    out = str(base / "out")
+    args = ["--output-dir", out, "--rpn-iters", "3", "--fast-rcnn-iters", "3", "--quiet", *TINY]
+    r = _run("run_demo.py", args, env)
+    return {"out": out, "env": env, "data": str(data / "shapes"), "args": args, "log": r.stdout}
+
+
+@pytest.mark.slow
+def test_demo_writes_every_output(demo_run):
+    out, log = demo_run["out"], demo_run["log"]
+    # Per stage: Detectron2's metrics.json (with losses) and TensorBoard events.
+    for stage, loss in (("stage1_rpn", "loss_rpn_cls"), ("stage3_fast_rcnn", "loss_cls")):
+        rows = plot_results.read_metrics(os.path.join(out, stage, "metrics.json"))
+        assert any(loss in r for r in rows), stage
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, stage)))
+
+    with open(os.path.join(out, "final_results.json")) as f:
+        final = json.load(f)
+    assert list(final) == ["bbox"]
+    box = final["bbox"]
+    for k in BBOX_KEYS:
+        assert k in box
+    for c in ("circle", "ellipse", "triangle"):
+        assert f"AP-{c}" in box
+    # APl is undefined (null) exactly when shapes_val has no COCO-large object.
+    with open(os.path.join(demo_run["data"], "annotations", "instances_val.json")) as f:
+        gt = json.load(f)
+    has_large = any(a["area"] > 96 ** 2 for a in gt["annotations"])
+    assert (box["APl"] is None) == (not has_large)
+    for k in ("AP", "AP50", "AP75"):
+        assert isinstance(box[k], float) and 0.0 <= box[k] <= 100.0
+
+    # The AP is the one pycocotools computes on the stored end-to-end detections.
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    dets_file = os.path.join(out, "stage4_eval", "end_to_end", "shapes_val", "coco_instances_results.json")
+    with open(dets_file) as f:
+        dets = json.load(f)
+    if dets:
+        coco = COCO(os.path.join(demo_run["data"], "annotations", "instances_val.json"))
+        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        assert box["AP"] == pytest.approx(100 * max(ev.stats[0], 0), abs=1e-6)
+        assert box["AP50"] == pytest.approx(100 * max(ev.stats[1], 0), abs=1e-6)
+    else:
+        assert box["AP"] == 0.0
+
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| model | AP | AP50 | AP75 | APs | APm | APl |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| ours, end to end |"))
+    assert row.count("|") == len(BBOX_KEYS) + 2 and f"{box['AP']:.1f}" in row
+    assert "| rpn |" in md and "| fast_rcnn |" in md
+
+    with Image.open(os.path.join(out, "loss_curves.png")) as im:
+        im.load()
+        assert im.format == "PNG" and im.size == (1280, 420)  # two panels, 6.4 x 4.2 in at 100 dpi
+
+    # val_*.png: ground truth | predictions, each 2x the image, under a 28 px caption strip.
+    pics = sorted(f for f in os.listdir(out) if f.startswith("val_") and f.endswith(".png"))
+    assert len(pics) == NUM_VAL
+    first = sorted(gt["images"], key=lambda i: i["id"])[0]
+    assert pics[0] == "val_" + os.path.splitext(os.path.basename(first["file_name"]))[0] + ".png"
+    for p in pics:
+        src = os.path.join(demo_run["data"], "val", p[len("val_"):-4] + ".jpg")
+        with Image.open(src) as s:
+            w, h = s.size
+        with Image.open(os.path.join(out, p)) as im:
+            im.load()
+            assert im.format == "PNG" and im.size == (4 * w, 2 * h + 28), (p, im.size)
+
+    # The summary names the folder and the stages' times.
+    assert out in log and "stage time" in log and "AP50" in log
+
+
+@pytest.mark.slow
+def test_demo_rerun_skips_finished_stages_and_refuses_other_settings(demo_run):
+    out, env = demo_run["out"], demo_run["env"]
+    marker = os.path.join(out, "stage3_fast_rcnn", "stage_done.json")
+    before = open(marker).read()
+    final = json.load(open(os.path.join(out, "final_results.json")))
+    _run("run_demo.py", demo_run["args"], env)
+    assert open(marker).read() == before  # not retrained
+    assert json.load(open(os.path.join(out, "final_results.json"))) == final
+
+    args = list(demo_run["args"])
+    args[args.index("--rpn-iters") + 1] = "5"
+    r = _run("run_demo.py", args, env, check=False)
+    assert r.returncode != 0 and "--fresh" in r.stderr + r.stdout
+
+
+# ----------------------------------------------------------------------------- tools/demo.py
+@pytest.mark.slow
+def test_demo_py_on_folder_image_and_video(demo_run, tmp_path):
+    import cv2
+
+    out, env = demo_run["out"], demo_run["env"]
+    common = ["--config-file", CONFIG, "--confidence-threshold", "0.0", "--opts", *TINY, "OUTPUT_DIR", out]
+    val = os.path.join(demo_run["data"], "val")
+
+    # A folder of images: one drawn image per input, same size, and predictions.json.
+    vis = tmp_path / "vis"
+    _run("demo.py", ["--input", val, "--output", str(vis), *common], env)
+    inputs = sorted(os.listdir(val))
+    assert sorted(f for f in os.listdir(vis) if f != "predictions.json") == inputs
+    for name in inputs:
+        with Image.open(os.path.join(val, name)) as a, Image.open(vis / name) as b:
+            assert a.size == b.size
+    pred = json.load(open(vis / "predictions.json"))
+    assert pred["weights"] == os.path.join(out, "model_final.pth")
+    assert [os.path.basename(r["file"]) for r in pred["results"]] == inputs
+    for r in pred["results"]:
+        for d in r["instances"]:
+            assert d["category"] in ("circle", "ellipse", "triangle") and 0.0 <= d["score"] <= 1.0
+
+    # One image to one file.
+    one = tmp_path / "one.png"
+    _run("demo.py", ["--input", os.path.join(val, inputs[0]), "--output", str(one), *common], env)
+    with Image.open(one) as im:
+        assert im.format == "PNG"
+
+    # A video made here: 5 frames of 96 x 80 in, 5 drawn frames of 96 x 80 out.
+    video = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (96, 80))
+    assert writer.isOpened()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        frame = np.full((80, 96, 3), 40, np.uint8) + rng.integers(0, 20, (80, 96, 3), dtype=np.uint8)
+        cv2.circle(frame, (20 + 10 * i, 40), 15, (0, 0, 230), -1)
+        writer.write(frame)
+    writer.release()
+    vout = tmp_path / "vout"
+    _run("demo.py", ["--input", video, "--output", str(vout), *common], env)
+    cap = cv2.VideoCapture(str(vout / "clip.mp4"))
+    frames = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        assert frame.shape == (80, 96, 3)
+        frames += 1
+    cap.release()
+    assert frames == 5
+    assert len(json.load(open(vout / "predictions.json"))["results"][0]["frames"]) == 5
+
+    # The RPN stage's own config and checkpoint (a ProposalNetwork) runs too.
+    rpn = os.path.join(out, "stage1_rpn")
+    rvis = tmp_path / "rpn_vis"
+    _run("demo.py", ["--config-file", os.path.join(rpn, "config.yaml"), "--input", val, "--output",
+                     str(rvis), "--confidence-threshold", "0.0"], env)
+    assert len([f for f in os.listdir(rvis) if f.endswith(".jpg")]) == len(inputs)
+
+
+def test_demo_py_errors_name_the_fix(tmp_path):
+    env = dict(os.environ)
+    r = _run("demo.py", ["--config-file", CONFIG, "--input", str(tmp_path / "nope.jpg"),
+                         "--output", str(tmp_path / "o")], env, check=False)
+    assert r.returncode == 2 and "--input" in r.stderr and "nope.jpg" in r.stderr
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(img)
+    r = _run("demo.py", ["--config-file", CONFIG, "--input", str(img), "--output", str(tmp_path / "o"),
+                         "--opts", "OUTPUT_DIR", str(tmp_path / "untrained")], env, check=False)
+    assert r.returncode == 2 and "MODEL.WEIGHTS" in r.stderr
+    r = _run("demo.py", ["--config-file", CONFIG, "--input", str(img), "--output", str(tmp_path / "o"),
+                         "--confidence-threshold", "1.5"], env, check=False)
+    assert r.returncode == 2 and "--confidence-threshold" in r.stderr
