@@ -302,6 +302,11 @@ def test_switches_reach_the_model():
     if BF16:
         assert isinstance(inf, AutocastInference) and inf.dtype == torch.bfloat16
         assert not any(isinstance(m, FrozenBatchNorm2d) for m in inf.modules())
+        # The folded copy stores conv/linear weights in bf16 once; the trained model is fp32.
+        assert inf.model.backbone.fpn_output2.weight.dtype == torch.bfloat16
+        assert inf.model.roi_heads.box_head.fc1.weight.dtype == torch.bfloat16
+        assert model.backbone.fpn_output2.weight.dtype == torch.float32
+        assert inf.model.pixel_mean.dtype == torch.float32
     # The trained model keeps its norms (inference folds a copy).
     assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     # Off by default: nothing changes.
