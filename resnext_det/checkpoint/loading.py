@@ -144,10 +144,14 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, checkpointables=None):
         if path and "://" not in path and not os.path.isfile(path):
+            hint = ""
+            if os.path.basename(path) == "shapes_classifier_d2.pth":
+                hint = (" It is the demo's stage 0 file: run `make demo`, or "
+                        "`python tools/pretrain_shapes.py --config-file <this config>` first.")
             raise FileNotFoundError(
                 f"MODEL.WEIGHTS = {path!r}: no such file. Point MODEL.WEIGHTS at a backbone "
                 "converted by tools/convert_pretrained.py or at a detector checkpoint "
-                "(model_final.pth), or set MODEL.WEIGHTS '' to train from scratch."
+                "(model_final.pth), or set MODEL.WEIGHTS '' to train from scratch." + hint
             )
         self._path = path
         return super().load(path, checkpointables)
