@@ -104,7 +104,7 @@ def test_plot_results_errors(tmp_path):
 # ----------------------------------------------------------------------------- the pipeline
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo at 3 + 3 iterations on 8 + 8 tiny shapes images."""
+    """The demo at 3 (stage 0) + 3 + 3 iterations on 8 + 8 tiny shapes images."""
     from resnext_det.data import generate_shapes
 
     base = tmp_path_factory.mktemp("demo")
@@ -112,7 +112,8 @@ def demo_run(tmp_path_factory):
     generate_shapes(str(data / "shapes"), num_train=8, num_val=NUM_VAL, seed=3)
     env = dict(os.environ, DETECTRON2_DATASETS=str(data))
     out = str(base / "out")
-    args = ["--output-dir", out, "--rpn-iters", "3", "--fast-rcnn-iters", "3", "--quiet", *TINY]
+    args = ["--output-dir", out, "--pretrain-iters", "3", "--rpn-iters", "3", "--fast-rcnn-iters", "3",
+            "--quiet", *TINY]
     r = _run("run_demo.py", args, env)
     return {"out": out, "env": env, "data": str(data / "shapes"), "args": args, "log": r.stdout}
 
@@ -183,6 +184,28 @@ def test_demo_writes_every_output(demo_run):
 
     # The summary names the folder and the stages' times.
     assert out in log and "stage time" in log and "AP50" in log
+
+
+@pytest.mark.slow
+def test_demo_fine_tunes_the_stage0_classifier(demo_run):
+    """Stage 0 writes torchvision weights; both detector stages start from them: the
+    frozen stem and res2 (FREEZE_AT 2) of the final RPN and Fast R-CNN checkpoints
+    are torchvision's conv1 / layer1 tensors, bit for bit."""
+    import torch
+
+    out = demo_run["out"]
+    tv = torch.load(os.path.join(out, "stage0_pretrain", "shapes_classifier_torchvision.pth"))
+    done = json.load(open(os.path.join(out, "stage0_pretrain", "pretrain_done.json")))
+    assert done["settings"]["iters"] == 3 and 0.0 <= done["val_accuracy"] <= 100.0
+    pairs = {"backbone.bottom_up.stem.conv1.weight": "conv1.weight",
+             "backbone.bottom_up.res2.0.conv2.weight": "layer1.0.conv2.weight",
+             "backbone.bottom_up.res2.1.conv3.norm.running_var": "layer1.1.bn3.running_var"}
+    for stage in ("stage1_rpn", "stage3_fast_rcnn"):
+        model = torch.load(os.path.join(out, stage, "model_final.pth"), weights_only=False)["model"]
+        for ours, theirs in pairs.items():
+            torch.testing.assert_close(model[ours], tv[theirs], rtol=0, atol=0, msg=f"{stage} {ours}")
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert list(summary["stage_seconds"])[0] == "pretrain"
 
 
 @pytest.mark.slow

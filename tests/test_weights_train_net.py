@@ -60,6 +60,9 @@ def test_train_net_fine_tunes_from_converted_weights(tmp_path):
     cfg.merge_from_list(TINY)
     model = Trainer.build_model(cfg)
     ResNeXtCheckpointer(model, cfg=cfg, require="all").load(str(out / "model_final.pth"))
+    # ... while the backbone-only ImageNet file is refused for evaluation (heads would be random).
+    with pytest.raises(WeightsConfigError, match="backbone weights only.*model_final.pth"):
+        ResNeXtCheckpointer(model, cfg=cfg, require="all").load(str(tmp_path / "x26.pth"))
     # ... and is refused with a BGR config, naming the keys.
     cfg.merge_from_list(["INPUT.FORMAT", "BGR"])
     with pytest.raises(WeightsConfigError, match="INPUT.FORMAT: the weights were trained on RGB input, the config feeds BGR"):

@@ -353,7 +353,11 @@ def main(argv=None) -> int:
         print(f"demo.py: {e}", file=sys.stderr)
         return 2
     logger.info(f"Loading {weights}")
-    predictor = Predictor(cfg, weights=weights)
+    try:
+        predictor = Predictor(cfg, weights=weights)
+    except (FileNotFoundError, ValueError) as e:  # WeightsConfigError etc.: they name the fix
+        print(f"demo.py: {e}", file=sys.stderr)
+        return 2
     records = []
     for src in files:
         dst = outputs[src]

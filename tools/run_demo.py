@@ -6,9 +6,14 @@ bundled shapes data; then its results, as numbers and pictures.
     python tools/run_demo.py                       # what `make demo` runs
     python tools/run_demo.py --rpn-iters 20 --fast-rcnn-iters 20 --output-dir /tmp/quick
 
-It runs ``tools/train_net.py --config-file configs/quickstart/<demo config>`` (a
-subprocess; its log goes to the console and to ``OUTPUT_DIR/log.txt``), which trains
-an RPN (stage 1), writes its proposals (stage 2), trains a Fast R-CNN with its own
+First, stage 0 (``tools/pretrain_shapes.py``, a subprocess) stands in for the
+paper's ImageNet-1K pretraining: it trains torchvision's ResNeXt of the config's
+depth, C and d as a classifier on crops of the shapes training images, saves it as
+torchvision weights and converts them for ``MODEL.WEIGHTS`` (see
+:mod:`resnext_det.pretrain`). Then it runs ``tools/train_net.py --config-file
+configs/quickstart/<demo config> MODEL.WEIGHTS <stage 0's file>`` (a subprocess; its
+log goes to the console and to ``OUTPUT_DIR/log.txt``), which fine-tunes an RPN
+(stage 1), writes its proposals (stage 2), fine-tunes a Fast R-CNN with its own
 backbone on them (stage 3) and evaluates both, end to end, on ``shapes_val``
 (stage 4). Rerunning skips finished stages and resumes an interrupted one. Then it
 writes into the output folder (default ``output/demo``):
@@ -21,7 +26,8 @@ writes into the output folder (default ``output/demo``):
 * ``val_*.png``: validation images, ground truth on the left, predictions right;
 * ``summary.json``: the wall time of each stage and of the whole run;
 
-beside the stages' own ``stage*/metrics.json`` and TensorBoard event files.
+beside the stages' own ``stage*/metrics.json`` and TensorBoard event files and
+stage 0's ``stage0_pretrain/`` (classifier weights, torchvision and converted).
 At the default length it also checks the target (AP >= 50 and AP50 >= 80) and
 exits with status 1 when the model falls short.
 """
@@ -133,6 +139,32 @@ def _env() -> Dict[str, str]:
     return env
 
 
+def run_pretrain_subprocess(config_file: str, output_dir: str, opts: Sequence[str], *,
+                            iters: Optional[int], quiet: bool = False) -> Dict[str, Any]:
+    """Stage 0: ``tools/pretrain_shapes.py`` into ``output_dir/stage0_pretrain``;
+    returns its ``pretrain_done.json``."""
+    from pretrain_shapes import STAGE0_DIR
+    from resnext_det.pretrain import read_pretrain_marker
+
+    folder = os.path.join(output_dir, STAGE0_DIR)
+    cmd = [sys.executable, os.path.join(TOOLS, "pretrain_shapes.py"), "--config-file", config_file,
+           "--output-dir", folder]
+    if iters is not None:
+        cmd += ["--iters", str(iters)]
+    cmd += list(opts)
+    print("+ " + " ".join(cmd), flush=True)
+    kw = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) if quiet else {}
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), **kw)
+    done = read_pretrain_marker(folder)
+    if r.returncode != 0 or done is None:
+        tail = ("\n" + r.stderr[-4000:]) if quiet and r.stderr else ""
+        raise RuntimeError(
+            f"tools/pretrain_shapes.py failed (exit status {r.returncode}); see its log in "
+            f"{os.path.join(folder, 'log.txt')}. Rerun `make demo` to resume.{tail}"
+        )
+    return done
+
+
 def run_schedule_subprocess(config_file: str, output_dir: str, opts: Sequence[str], *, quiet: bool = False) -> None:
     """``tools/train_net.py --config-file config_file OUTPUT_DIR output_dir *opts``."""
     cmd = [sys.executable, os.path.join(TOOLS, "train_net.py"), "--config-file", config_file,
@@ -201,6 +233,9 @@ def write_results_md(path: str, results: Dict[str, Any], *, config_file: str, wa
     if classes:
         lines += ["", "| " + " | ".join(classes) + " |", "|" + "---:|" * len(classes),
                   "| " + " | ".join(_fmt(box[c]) for c in classes) + " |"]
+    if results.get("pretrain_val_accuracy") is not None:
+        lines += ["", f"Stage 0 (ImageNet stand-in) classifier: {results['pretrain_val_accuracy']:.1f}% "
+                  f"accuracy on crops of {results['dataset']} (4 classes with background; chance 25%)."]
     if results.get("proposal_recall"):
         lines += ["", f"RPN proposals on {results['dataset']}, COCO average recall (%): "
                   + ", ".join(f"{k} {_fmt(v)}" for k, v in results["proposal_recall"].items())]
@@ -295,6 +330,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help=f"default {DEFAULT_OUTPUT}")
     p.add_argument("--rpn-iters", type=int, help="stage 1 iterations (default: the config's)")
     p.add_argument("--fast-rcnn-iters", type=int, help="stage 3 iterations (default: the config's)")
+    p.add_argument("--pretrain-iters", type=int,
+                   help="stage 0 iterations (default: tools/pretrain_shapes.py's)")
+    p.add_argument("--no-pretrain", action="store_true",
+                   help="skip stage 0: train from the config's MODEL.WEIGHTS (with FrozenBN and "
+                        "MODEL.WEIGHTS '', the backbone stays random: set MODEL.RESNEXT.NORM GN)")
     p.add_argument("--num-images", type=int, default=8, help="val_*.png pictures to draw (default 8)")
     p.add_argument("--seed", type=int, help="SEED of the run (default: the config's)")
     p.add_argument("--fresh", action="store_true", help="delete --output-dir first")
@@ -332,12 +372,24 @@ def main(argv=None) -> int:
         opts += ["SEED", str(args.seed)]
     output_dir = os.path.abspath(args.output_dir)
     cfg = setup_cfg(args.config_file, opts + ["OUTPUT_DIR", output_dir])
-    full_length = args.rpn_iters is None and args.fast_rcnn_iters is None
-    _check_request(output_dir, {"config_file": args.config_file, "opts": opts}, args.fresh)
+    full_length = args.rpn_iters is None and args.fast_rcnn_iters is None and args.pretrain_iters is None
+    request = {"config_file": args.config_file, "opts": opts,
+               "pretrain": None if args.no_pretrain else {"iters": args.pretrain_iters}}
+    _check_request(output_dir, request, args.fresh)
 
-    run_schedule_subprocess(args.config_file, output_dir, opts, quiet=args.quiet)
+    pre = None
+    train_opts = list(opts)
+    if not args.no_pretrain:
+        pre = run_pretrain_subprocess(args.config_file, output_dir, opts, iters=args.pretrain_iters,
+                                      quiet=args.quiet)
+        train_opts += ["MODEL.WEIGHTS", pre["weights"]]
+    run_schedule_subprocess(args.config_file, output_dir, train_opts, quiet=args.quiet)
     setup_logger(name="resnext_det")
     results = collect_results(cfg)
+    if pre is not None:
+        results["stage_seconds"] = {"pretrain": pre["seconds"], **results["stage_seconds"]}
+        results["iterations"]["pretrain"] = pre["settings"]["iters"]
+        results["pretrain_val_accuracy"] = pre.get("val_accuracy")
     bbox = results["bbox"]
     _write_json(os.path.join(output_dir, "final_results.json"), {"bbox": bbox})
 
@@ -354,7 +406,8 @@ def main(argv=None) -> int:
     write_results_md(os.path.join(output_dir, "results.md"), results, config_file=args.config_file,
                      wall_seconds=wall, checked=check)
     _write_json(os.path.join(output_dir, "summary.json"), {
-        "config_file": args.config_file, "opts": opts, "stage_seconds": results["stage_seconds"],
+        "config_file": args.config_file, "opts": train_opts, "stage_seconds": results["stage_seconds"],
+        "pretrain_val_accuracy": results.get("pretrain_val_accuracy"),
         "iterations": results["iterations"], "pictures_seconds": round(t_pictures, 1),
         "wall_seconds": round(wall, 1), "bbox": bbox,
     })

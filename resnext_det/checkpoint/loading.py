@@ -203,6 +203,13 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
 
         targets = backbone_targets(self.model)
         model_sd = self.model.state_dict()
+        if kind == "backbone" and self.require == "all":
+            raise WeightsConfigError(
+                f"{what} holds backbone weights only (ImageNet-style, for fine-tuning): every "
+                "head would stay random. To evaluate or run a detector, point MODEL.WEIGHTS at a "
+                "trained detector checkpoint (the model_final.pth a training run writes in its "
+                "OUTPUT_DIR)."
+            )
         if kind == "backbone":
             if not targets:
                 raise WeightsConfigError(
