@@ -55,3 +55,26 @@ def test_train_net_trains_and_evaluates(tmp_path):
     assert "bbox" in r.stdout + r.stderr
     with open(os.path.join(out, "inference", "shapes_val", "coco_instances_results.json")) as f:
         assert isinstance(json.load(f), list)
+
+
+@pytest.mark.parametrize(
+    "opts, names",
+    [
+        (["MODEL.RESNEXT.CARDINALITY", "0"], "MODEL.RESNEXT.CARDINALITY"),
+        (["MODEL.WEIGHTS", "/no/such/weights.pth"], "MODEL.WEIGHTS"),
+    ],
+)
+def test_bad_input_ends_with_one_line_naming_the_fix(tmp_path, opts, names):
+    """A bad key or a missing weights file: exit status 2, the last line of stderr is the
+    message naming the key, and no traceback (unless RESNEXT_DET_TRACEBACK is set)."""
+    env = {k: v for k, v in os.environ.items() if k != "RESNEXT_DET_TRACEBACK"}
+    args = [sys.executable, os.path.join(ROOT, "tools/train_net.py"), "--config-file", CONFIG, *TINY,
+            "OUTPUT_DIR", str(tmp_path / "out"), *opts]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert last.startswith("train_net.py: error: ") and names in last, last
+    assert "Traceback" not in r.stderr
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(env, RESNEXT_DET_TRACEBACK="1"))
+    assert r.returncode == 2 and "Traceback" in r.stderr

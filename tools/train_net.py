@@ -10,7 +10,15 @@
     python tools/train_net.py --config-file ...appendixB.yaml --stage eval   # one stage alone
 
 Any ``KEY VALUE`` pairs after the flags override the config (Detectron2's ``opts``).
+
+A bad config, bad weights or a missing file end the run with one line that names what
+to fix, on standard error, and exit status 2 (``RESNEXT_DET_TRACEBACK=1`` adds the
+traceback). Other failures keep Python's traceback.
 """
+import os
+import sys
+import traceback
+
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
@@ -64,5 +72,17 @@ def cli(argv=None):
     )
 
 
+#: Errors that describe the user's input (config keys, weight files, paths): they end the run
+#: with their message alone. Training's own errors (e.g. a NaN loss) keep the traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
 if __name__ == "__main__":
-    cli()
+    try:
+        cli()
+    except _USER_ERRORS as e:
+        if os.environ.get("RESNEXT_DET_TRACEBACK"):
+            traceback.print_exc()
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"train_net.py: error: {msg}", file=sys.stderr)
+        sys.exit(2)
