@@ -20,14 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import benchmark  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, loaded CPU OpenMP
-    threads waiting for each other make them many times slower: run on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread for every test of this module (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = [

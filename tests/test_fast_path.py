@@ -41,14 +41,8 @@ BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 FPN_OUT = ("res2", "res3", "res4", "res5")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, loaded CPU OpenMP
-    threads waiting for each other make them many times slower: run on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread for every test of this module (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
