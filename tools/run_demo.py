@@ -53,6 +53,7 @@ __all__ = [
     "TARGET",
     "COLUMNS",
     "schedule_overrides",
+    "run_pretrain_subprocess",
     "run_schedule_subprocess",
     "collect_results",
     "write_results_md",
@@ -139,6 +140,22 @@ def _env() -> Dict[str, str]:
     return env
 
 
+def _run_tool(script: str, args: Sequence[str], log_dir: str, *, quiet: bool) -> int:
+    """``python tools/<script> *args`` from the repository root; raises, pointing at
+    ``log_dir/log.txt``, when it fails. Returns its exit status (0)."""
+    cmd = [sys.executable, os.path.join(TOOLS, script), *args]
+    print("+ " + " ".join(cmd), flush=True)
+    kw = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) if quiet else {}
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), **kw)
+    if r.returncode != 0:
+        tail = ("\n" + r.stderr[-4000:]) if quiet and r.stderr else ""
+        raise RuntimeError(
+            f"tools/{script} failed (exit status {r.returncode}); see its log in "
+            f"{os.path.join(log_dir, 'log.txt')}. Rerun `make demo` to resume.{tail}"
+        )
+    return r.returncode
+
+
 def run_pretrain_subprocess(config_file: str, output_dir: str, opts: Sequence[str], *,
                             iters: Optional[int], quiet: bool = False) -> Dict[str, Any]:
     """Stage 0: ``tools/pretrain_shapes.py`` into ``output_dir/stage0_pretrain``;
@@ -147,37 +164,20 @@ def run_pretrain_subprocess(config_file: str, output_dir: str, opts: Sequence[st
     from resnext_det.pretrain import read_pretrain_marker
 
     folder = os.path.join(output_dir, STAGE0_DIR)
-    cmd = [sys.executable, os.path.join(TOOLS, "pretrain_shapes.py"), "--config-file", config_file,
-           "--output-dir", folder]
+    args = ["--config-file", config_file, "--output-dir", folder]
     if iters is not None:
-        cmd += ["--iters", str(iters)]
-    cmd += list(opts)
-    print("+ " + " ".join(cmd), flush=True)
-    kw = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) if quiet else {}
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), **kw)
+        args += ["--iters", str(iters)]
+    _run_tool("pretrain_shapes.py", [*args, *opts], folder, quiet=quiet)
     done = read_pretrain_marker(folder)
-    if r.returncode != 0 or done is None:
-        tail = ("\n" + r.stderr[-4000:]) if quiet and r.stderr else ""
-        raise RuntimeError(
-            f"tools/pretrain_shapes.py failed (exit status {r.returncode}); see its log in "
-            f"{os.path.join(folder, 'log.txt')}. Rerun `make demo` to resume.{tail}"
-        )
+    if done is None:
+        raise RuntimeError(f"tools/pretrain_shapes.py ended without {folder}/pretrain_done.json")
     return done
 
 
 def run_schedule_subprocess(config_file: str, output_dir: str, opts: Sequence[str], *, quiet: bool = False) -> None:
     """``tools/train_net.py --config-file config_file OUTPUT_DIR output_dir *opts``."""
-    cmd = [sys.executable, os.path.join(TOOLS, "train_net.py"), "--config-file", config_file,
-           "OUTPUT_DIR", output_dir, *opts]
-    print("+ " + " ".join(cmd), flush=True)
-    kw = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) if quiet else {}
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), **kw)
-    if r.returncode != 0:
-        tail = ("\n" + r.stderr[-4000:]) if quiet and r.stderr else ""
-        raise RuntimeError(
-            f"tools/train_net.py failed (exit status {r.returncode}); see its log in "
-            f"{os.path.join(output_dir, 'log.txt')}. Rerun `make demo` to resume.{tail}"
-        )
+    _run_tool("train_net.py", ["--config-file", config_file, "OUTPUT_DIR", output_dir, *opts], output_dir,
+              quiet=quiet)
 
 
 # ----------------------------------------------------------------------------- results
