@@ -29,11 +29,11 @@ The run is resumable: a checkpoint (model, optimizer, iteration, the sampler's
 random state) is written atomically every ``checkpoint_period`` iterations and
 a rerun continues from it; a finished run (``pretrain_done.json``) is reused.
 """
+import io
 import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -41,6 +41,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .unshared.proposals import atomic_write_bytes
 
 __all__ = [
     "CROP_CLASSES",
@@ -301,29 +303,14 @@ def _accuracy(model, crops: np.ndarray, labels: np.ndarray, *, bf16: bool, batch
 
 # ----------------------------------------------------------------------------- files
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def _atomic_json(obj: Any, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def atomic_write_json(obj: Any, path: str) -> None:
+    """``obj`` as indented JSON, written whole (temporary file + ``os.replace``)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _settings_dict(s: PretrainSettings) -> Dict[str, Any]:
@@ -464,7 +451,7 @@ def pretrain_shapes_classifier(
         "torchvision_weights": tv_path,
         "weights": d2_path,
     }
-    _atomic_json(result, os.path.join(output_dir, _DONE))
+    atomic_write_json(result, os.path.join(output_dir, _DONE))
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
     logger.info(f"Stage 0 done in {result['seconds']:.0f} s: MODEL.WEIGHTS {d2_path}")
