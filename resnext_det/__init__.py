@@ -27,7 +27,6 @@ from .modeling import (
     build_resnext_backbone,
     build_resnext_fpn_backbone,
     build_resnext_retinanet_fpn_backbone,
-    resnext_spec_from_config,
 )
 from .presets import PRESETS, STAGE_BLOCKS
 from .checkpoint import ResNeXtCheckpointer, convert_weights
@@ -43,7 +42,6 @@ __all__ = [
     "build_resnext_backbone",
     "build_resnext_fpn_backbone",
     "build_resnext_retinanet_fpn_backbone",
-    "resnext_spec_from_config",
     "PRESETS",
     "STAGE_BLOCKS",
     "ResNeXtCheckpointer",

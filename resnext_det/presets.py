@@ -5,9 +5,9 @@
 width d=4 (per path, in res2). The Table 2 settings ("1x64d" ... "32x4d") are
 the 50-layer models of roughly equal complexity that Table 2/3 compare.
 """
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
-__all__ = ["STAGE_BLOCKS", "PRESETS", "Preset"]
+__all__ = ["STAGE_BLOCKS", "PRESETS", "Preset", "preset_name", "standard_depth"]
 
 # Blocks in res2..res5 for each depth. 50/101/152 are the paper's (Table 1,
 # as ResNet); 26 and 38 are the small models timm and others use ([2]*4, [3]*4)
@@ -45,3 +45,35 @@ PRESETS: Dict[str, Preset] = {
     "8x14d": Preset(50, 8, 14),
     "32x4d": Preset(50, 32, 4),
 }
+
+
+def standard_depth(stage_blocks: Sequence[int]) -> Optional[int]:
+    """The depth whose block table (:data:`STAGE_BLOCKS`) is ``stage_blocks``, or None."""
+    for depth, blocks in STAGE_BLOCKS.items():
+        if list(blocks) == list(stage_blocks):
+            return depth
+    return None
+
+
+def preset_name(
+    stage_blocks: Sequence[int],
+    cardinality: int,
+    bottleneck_width: int,
+    *,
+    stem_out_channels: int = 64,
+    res2_out_channels: int = 256,
+) -> str:
+    """The reverse of :data:`PRESETS`: the name of this architecture, or "".
+
+    The paper's names ("X-50-32x4d", "R-50") win over the Table 2 aliases, which
+    come later in the table. Only the paper's widths (stem 64, res2 256) have a name.
+    """
+    if (stem_out_channels, res2_out_channels) != (64, 256):
+        return ""
+    for name, p in PRESETS.items():
+        if STAGE_BLOCKS[p.depth] == list(stage_blocks) and (p.cardinality, p.bottleneck_width) == (
+            cardinality,
+            bottleneck_width,
+        ):
+            return name
+    return ""

@@ -29,7 +29,6 @@ The run is resumable: a checkpoint (model, optimizer, iteration, the sampler's
 random state) is written atomically every ``checkpoint_period`` iterations and
 a rerun continues from it; a finished run (``pretrain_done.json``) is reused.
 """
-import io
 import json
 import logging
 import math
@@ -42,7 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .unshared.proposals import atomic_write_bytes
+from .checkpoint import convert_weights, save_converted
+from .fast.amp import cpu_has_fast_bf16
+from .modeling.spec import ResNeXtSpec
+from .utils.io import atomic_write, atomic_write_json
 
 __all__ = [
     "CROP_CLASSES",
@@ -135,9 +137,7 @@ class PretrainSettings:
 
 def settings_from_config(cfg, **overrides) -> PretrainSettings:
     """The classifier of the architecture ``cfg`` builds (``MODEL.RESNEXT.*``)."""
-    from .modeling.resnext import resnext_spec_from_config
-
-    spec = resnext_spec_from_config(cfg)
+    spec = ResNeXtSpec.from_config(cfg)
     if spec.stem_out_channels != 64 or spec.res2_out_channels != 256:
         raise ValueError(
             "Stage 0 pretrains torchvision's ResNeXt, whose stem has 64 and res2 256 channels: "
@@ -283,9 +283,7 @@ def _lr_at(it: int, s: PretrainSettings) -> float:
 
 
 def _bf16_ok() -> bool:
-    from .fast.amp import _cpu_has_fast_bf16
-
-    return _cpu_has_fast_bf16()
+    return cpu_has_fast_bf16()
 
 
 @torch.no_grad()
@@ -302,17 +300,6 @@ def _accuracy(model, crops: np.ndarray, labels: np.ndarray, *, bf16: bool, batch
 
 
 # ----------------------------------------------------------------------------- files
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_write_json(obj: Any, path: str) -> None:
-    """``obj`` as indented JSON, written whole (temporary file + ``os.replace``)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def _settings_dict(s: PretrainSettings) -> Dict[str, Any]:
     return json.loads(json.dumps(asdict(s)))  # tuples -> lists, as read back from JSON
 
@@ -345,7 +332,6 @@ def pretrain_shapes_classifier(
     """
     from detectron2.data import DatasetCatalog
 
-    from .checkpoint import convert_weights, save_converted
 
     os.makedirs(output_dir, exist_ok=True)
     want = _settings_dict(settings)
@@ -379,7 +365,8 @@ def pretrain_shapes_classifier(
     start, seconds_before = 0, 0.0
     ckpt_path = os.path.join(output_dir, _CKPT)
     if os.path.isfile(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # Tensors, numbers and plain containers only: nothing in the file can run code.
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck.get("settings") == want:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
@@ -423,11 +410,12 @@ def pretrain_shapes_classifier(
             logger.info(f"Stage 0: iter {n}/{settings.iters}  loss {np.mean(losses[-log_period:]):.4f}  "
                         f"batch accuracy {acc:.1f}%  lr {opt.param_groups[0]['lr']:.4g}")
         if n % checkpoint_period == 0 and n < settings.iters:
-            _atomic_torch_save({
+            state = {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "iter": n,
                 "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "settings": want,
                 "seconds": seconds_before + time.perf_counter() - t_run,
-            }, ckpt_path)
+            }
+            atomic_write(ckpt_path, lambda f: torch.save(state, f))
 
     val_acc = _accuracy(model, *val, bf16=bf16) if val is not None else None
     if val_acc is not None:
@@ -435,7 +423,7 @@ def pretrain_shapes_classifier(
                     f"(4 classes; chance 25%)")
     tv_path = os.path.join(output_dir, TORCHVISION_FILE)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    _atomic_torch_save(sd, tv_path)
+    atomic_write(tv_path, lambda f: torch.save(sd, f))
     converted = convert_weights(tv_path, fmt="torchvision", progress=False)
     d2_path = os.path.join(output_dir, CONVERTED_FILE)
     save_converted(converted, d2_path)
@@ -451,7 +439,7 @@ def pretrain_shapes_classifier(
         "torchvision_weights": tv_path,
         "weights": d2_path,
     }
-    atomic_write_json(result, os.path.join(output_dir, _DONE))
+    atomic_write_json(os.path.join(output_dir, _DONE), result)
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
     logger.info(f"Stage 0 done in {result['seconds']:.0f} s: MODEL.WEIGHTS {d2_path}")

@@ -20,7 +20,7 @@ from detectron2.modeling.roi_heads import Res5ROIHeads
 
 import resnext_det
 from resnext_det import PRESETS, ResNeXtBlock, ResNeXtRes5ROIHeads, add_resnext_config
-from resnext_det.modeling.resnext import resnext_spec_from_config
+from resnext_det.modeling import ResNeXtSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_STAGES = ["res2", "res3", "res4", "res5"]
@@ -115,10 +115,10 @@ def test_table2_settings_have_equal_complexity():
 
 def test_presets_name_the_paper_models():
     assert PRESETS["X-101-64x4d"] == (101, 64, 4)
-    spec = resnext_spec_from_config(make_cfg(PRESET="X-152-32x8d"))
+    spec = ResNeXtSpec.from_config(make_cfg(PRESET="X-152-32x8d"))
     assert spec.stage_blocks == (3, 8, 36, 3) and spec.depth == 152
-    assert resnext_spec_from_config(make_cfg(DEPTH=101)).stage_blocks == (3, 4, 23, 3)
-    assert resnext_spec_from_config(make_cfg(PRESET="X-50-32x4d")).depth == 50
+    assert ResNeXtSpec.from_config(make_cfg(DEPTH=101)).stage_blocks == (3, 4, 23, 3)
+    assert ResNeXtSpec.from_config(make_cfg(PRESET="X-50-32x4d")).depth == 50
 
 
 # --------------------------------------------------------------------------

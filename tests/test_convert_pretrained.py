@@ -317,7 +317,7 @@ def test_caffe2_pkl_same_features_and_to_rgb(tmp_path, tv26):
     with open(tmp_path / "X-26.pkl", "wb") as f:
         pickle.dump({"blobs": tv_to_caffe2_blobs(tv.state_dict())}, f, protocol=2)
     r = convert_to(tmp_path / "X-26.pkl", tmp_path / "bgr.pth", convention="fair")
-    assert r.format == "caffe2" and r.metadata.arch.norm == "affine"
+    assert r.format == "caffe2" and r.metadata.weights_norm == "affine"
     assert r.metadata.input.format == "BGR" and r.metadata.input.pixel_std == (57.375, 57.12, 58.395)
     assert sorted(r.dropped) == ["fc1000_b", "fc1000_w"]
     x = normalized_input()

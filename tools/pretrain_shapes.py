@@ -64,9 +64,9 @@ def main(argv=None) -> dict:
     result = pretrain_shapes_classifier(settings, output_dir=out, train_dataset=args.train_dataset,
                                         val_dataset=args.val_dataset or None)
     if args.json:
-        from resnext_det.pretrain import atomic_write_json
+        from resnext_det.utils.io import atomic_write_json
 
-        atomic_write_json(result, args.json)
+        atomic_write_json(args.json, result)
     acc = result.get("val_accuracy")
     print(f"Stage 0 done: accuracy on {result.get('val_dataset')} crops "
           f"{'n/a' if acc is None else f'{acc:.1f}%'}; train the detector with\n"

@@ -18,7 +18,6 @@ from .loading import ResNeXtCheckpointer, WeightsRecord, attach_weights_record
 from .metadata import (
     CONVENTIONS,
     METADATA_KEY,
-    ArchInfo,
     InputConvention,
     WeightsConfigError,
     WeightsMetadata,
@@ -34,7 +33,6 @@ __all__ = [
     "FORMATS",
     "CONVENTIONS",
     "METADATA_KEY",
-    "ArchInfo",
     "InputConvention",
     "WeightsMetadata",
     "ConversionError",

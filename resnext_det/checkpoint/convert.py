@@ -27,7 +27,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -35,14 +34,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..presets import PRESETS, STAGE_BLOCKS
-from .metadata import (
-    CONVENTIONS,
-    METADATA_KEY,
-    ArchInfo,
-    InputConvention,
-    WeightsMetadata,
-)
+from ..modeling.resnext import ResNeXt
+from ..modeling.spec import ResNeXtSpec, ResNeXtSpecError
+from ..presets import PRESETS
+from ..utils.io import atomic_write
+from .metadata import CONVENTIONS, METADATA_KEY, InputConvention, WeightsMetadata
 from .readers import SourceWeights, key_family, read_weights_file
 
 __all__ = [
@@ -422,7 +418,7 @@ def torch7_to_d2(tree) -> Dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------
 # Architecture
 # --------------------------------------------------------------------------
-def infer_arch(sd: Dict[str, torch.Tensor], *, stride_in_1x1: bool = False, norm: str = "BN") -> ArchInfo:
+def infer_arch(sd: Dict[str, torch.Tensor], *, stride_in_1x1: bool = False) -> ResNeXtSpec:
     """Depth, C and d from Detectron2-named tensors: blocks per stage from the
     block indices, C and d from res2.0's grouped 3x3 conv (weight shape
     (C*d, d, 3, 3): d is its input channels per group, Sec. 3.3 / Fig. 3c)."""
@@ -448,39 +444,29 @@ def infer_arch(sd: Dict[str, torch.Tensor], *, stride_in_1x1: bool = False, norm
     width, d = int(w2.shape[0]), int(w2.shape[1])
     if width % d:
         raise ConversionError(f"res2.0 conv2: {width} channels are not a multiple of the group width {d}")
-    return ArchInfo(
-        stage_blocks=tuple(blocks),
-        cardinality=width // d,
-        bottleneck_width=d,
-        stem_out_channels=int(stem.shape[0]),
-        res2_out_channels=int(sd["res2.0.conv3.weight"].shape[0]),
-        stride_in_1x1=stride_in_1x1,
-        norm=norm,
-    )
+    try:
+        return ResNeXtSpec(
+            stage_blocks=tuple(blocks),
+            cardinality=width // d,
+            bottleneck_width=d,
+            stem_out_channels=int(stem.shape[0]),
+            res2_out_channels=int(sd["res2.0.conv3.weight"].shape[0]),
+            stride_in_1x1=stride_in_1x1,
+        )
+    except ResNeXtSpecError as e:
+        raise ConversionError(f"the weights' shapes make no ResNeXt: {e}") from e
 
 
-def _spec(arch: ArchInfo, *, norm: str = "FrozenBN"):
-    from ..modeling.resnext import ResNeXtSpec
-
-    return ResNeXtSpec(
-        stage_blocks=tuple(arch.stage_blocks),
-        cardinality=arch.cardinality,
-        bottleneck_width=arch.bottleneck_width,
-        norm=norm,
-        stride_in_1x1=arch.stride_in_1x1,
-        out_features=_STAGES,
-        freeze_at=0,
-        stem_out_channels=arch.stem_out_channels,
-        res2_out_channels=arch.res2_out_channels,
-    )
+def trunk_spec(arch: ResNeXtSpec) -> ResNeXtSpec:
+    """``arch`` as the whole ImageNet trunk (stem..res5 out, FrozenBN, nothing frozen):
+    the model a converted file is checked and verified against."""
+    return arch.replace(norm="FrozenBN", out_features=_STAGES, freeze_at=0, form="c")
 
 
-def check_against_model(sd: Dict[str, torch.Tensor], arch: ArchInfo) -> None:
+def check_against_model(sd: Dict[str, torch.Tensor], arch: ResNeXtSpec) -> None:
     """Raise unless ``sd`` has exactly the keys and shapes of our ResNeXt for ``arch``."""
-    from ..modeling.resnext import ResNeXt
-
     with torch.device("meta"):
-        ref = ResNeXt(_spec(arch)).state_dict()
+        ref = ResNeXt(trunk_spec(arch)).state_dict()
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
     shapes = [
@@ -502,7 +488,7 @@ def check_against_model(sd: Dict[str, torch.Tensor], arch: ArchInfo) -> None:
         )
 
 
-def _check_requested_arch(arch: ArchInfo, requested: Optional[str], path: str) -> None:
+def _check_requested_arch(arch: ResNeXtSpec, requested: Optional[str], path: str) -> None:
     if not requested:
         return
     if requested not in PRESETS:
@@ -510,12 +496,7 @@ def _check_requested_arch(arch: ArchInfo, requested: Optional[str], path: str) -
             f"--arch {requested!r} is not a known architecture: choose one of {sorted(PRESETS)}"
         )
     p = PRESETS[requested]
-    ok = (
-        list(arch.stage_blocks) == STAGE_BLOCKS[p.depth]
-        and (arch.cardinality, arch.bottleneck_width) == (p.cardinality, p.bottleneck_width)
-        and (arch.stem_out_channels, arch.res2_out_channels) == (64, 256)
-    )
-    if not ok:
+    if not ResNeXtSpec.from_preset(requested).same_shapes(arch):
         found = arch.preset or "no named architecture"
         raise ConversionError(
             f"--arch {requested} (depth {p.depth}, C={p.cardinality}, d={p.bottleneck_width}) does "
@@ -661,14 +642,14 @@ def convert_weights(
                 sd[p + "running_mean"] = torch.zeros_like(sd[k])
                 sd[p + "running_var"] = torch.full_like(sd[k], 1.0 - BN_EPS)
 
-    arch_info = infer_arch(sd, norm=norm)
+    arch_info = infer_arch(sd)
     _check_requested_arch(arch_info, arch, path)
     recorded = src.extra.get(METADATA_KEY)
     if fmt == "detectron2" and convention is None and isinstance(recorded, dict) and recorded.get("input"):
         # A file we converted before (e.g. converted again with --to-rgb).
         old = WeightsMetadata.from_dict(recorded)
         name, inp, conv_stride = "recorded", old.input, old.arch.stride_in_1x1
-        arch_info = dataclasses.replace(arch_info, norm=old.arch.norm)
+        norm = old.weights_norm
     else:
         name, inp, conv_stride = _resolve_convention(fmt, src, convention)
     try:
@@ -679,7 +660,7 @@ def convert_weights(
     except ValueError as e:
         raise ConversionError(f"--pixel-mean / --pixel-std: {e}") from e
     stride = conv_stride if stride_in_1x1 is None else bool(stride_in_1x1)
-    arch_info = dataclasses.replace(arch_info, stride_in_1x1=stride)
+    arch_info = arch_info.replace(stride_in_1x1=stride)
     check_against_model(sd, arch_info)
 
     items = sorted(sd.items())
@@ -711,7 +692,7 @@ def convert_weights(
         "flipped_to_rgb": flipped,
         "dropped": sorted(dropped),
     }
-    meta = WeightsMetadata(kind="backbone", input=inp, arch=arch_info, source=source)
+    meta = WeightsMetadata(kind="backbone", input=inp, arch=arch_info, source=source, weights_norm=norm)
     logger.info(
         "Converted %d tensors (%s) in %.1f s; dropped %s",
         len(out), arch_info.describe(), time.perf_counter() - t0, sorted(dropped) or "nothing",
@@ -725,17 +706,5 @@ def save_converted(result: ConversionResult, output: str) -> None:
         raise ConversionError(
             f"output {output!r}: name it *.pth (Detectron2 reads *.pkl files with pickle, not torch.load)"
         )
-    out_dir = os.path.dirname(os.path.abspath(output))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(result.checkpoint(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(output, lambda f: torch.save(result.checkpoint(), f))
     logger.info("Wrote %s", output)

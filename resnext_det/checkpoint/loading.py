@@ -30,7 +30,7 @@ from .metadata import (
     WeightsConfigError,
     WeightsMetadata,
     check_weights_against_config,
-    metadata_from_config,
+    metadata_from_model,
 )
 from .readers import _READ_ERRORS, CheckpointReadError, describe_read_failure, key_family
 
@@ -87,22 +87,26 @@ class WeightsRecord:
     so that a detector checkpoint can be checked like a converted backbone.
     On resume it refuses a config that changed them."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, model: torch.nn.Module):
         self.cfg = cfg
+        self.model = model
 
     def state_dict(self) -> dict:
-        return metadata_from_config(self.cfg).to_dict()
+        return metadata_from_model(self.model, self.cfg).to_dict()
 
     def load_state_dict(self, state: dict) -> None:
         check_weights_against_config(
-            WeightsMetadata.from_dict(state), self.cfg, weights="the last checkpoint of OUTPUT_DIR"
+            WeightsMetadata.from_dict(state),
+            self.cfg,
+            model=self.model,
+            weights="the last checkpoint of OUTPUT_DIR",
         )
 
 
 def attach_weights_record(checkpointer, cfg) -> None:
-    """Add a :class:`WeightsRecord` to ``checkpointer`` (once)."""
+    """Add a :class:`WeightsRecord` of ``checkpointer.model`` to ``checkpointer`` (once)."""
     if METADATA_KEY not in checkpointer.checkpointables:
-        checkpointer.add_checkpointable(METADATA_KEY, WeightsRecord(cfg))
+        checkpointer.add_checkpointable(METADATA_KEY, WeightsRecord(cfg, checkpointer.model))
 
 
 class ResNeXtCheckpointer(DetectionCheckpointer):
@@ -198,7 +202,7 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
                 "--format detectron2 --convention torchvision|fair|detectron1|msra (see docs/weights.md)"
             )
         if meta is not None and self.cfg is not None:
-            for w in check_weights_against_config(meta, self.cfg, weights=self._path):
+            for w in check_weights_against_config(meta, self.cfg, model=self.model, weights=self._path):
                 logger.warning(w)
 
         targets = backbone_targets(self.model)

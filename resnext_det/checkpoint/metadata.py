@@ -12,22 +12,24 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..presets import PRESETS, STAGE_BLOCKS
+from torch import nn
+
+from ..modeling.resnext import ResNeXt
+from ..modeling.spec import ResNeXtSpec
 
 __all__ = [
     "METADATA_KEY",
     "METADATA_VERSION",
     "WeightsConfigError",
     "InputConvention",
-    "ArchInfo",
     "WeightsMetadata",
     "CONVENTIONS",
-    "preset_name",
     "config_pairs",
     "format_opts",
     "config_yaml",
     "check_weights_against_config",
-    "metadata_from_config",
+    "metadata_from_model",
+    "spec_of_model",
 ]
 
 #: Key of the metadata in a checkpoint dict (next to ``"model"``).
@@ -126,75 +128,6 @@ CONVENTIONS: Dict[str, Tuple[InputConvention, bool]] = {
 
 
 @dataclass(frozen=True)
-class ArchInfo:
-    """The architecture held by a set of weights (inferred from tensor shapes,
-    except ``stride_in_1x1``, which shapes cannot tell).
-
-    Attributes:
-        stage_blocks: blocks in res2..res5 (Table 1: [3, 4, 6, 3] for 50 layers).
-        cardinality: C, groups of the 3x3 conv.
-        bottleneck_width: d, the width of one path in res2.
-        stem_out_channels: output channels of the 7x7 stem conv.
-        res2_out_channels: output channels of res2.
-        stride_in_1x1: stride of downsampling blocks on the first 1x1 conv.
-        norm: "BN" (running statistics from ImageNet) or "affine" (Caffe2
-            AffineChannel: BN folded into scale and bias).
-    """
-
-    stage_blocks: Tuple[int, int, int, int]
-    cardinality: int
-    bottleneck_width: int
-    stem_out_channels: int = 64
-    res2_out_channels: int = 256
-    stride_in_1x1: bool = False
-    norm: str = "BN"
-
-    def __post_init__(self):
-        object.__setattr__(self, "stage_blocks", tuple(int(b) for b in self.stage_blocks))
-
-    @property
-    def depth(self) -> int:
-        """3 layers a block + stem conv + classifier, as the paper counts."""
-        return 3 * sum(self.stage_blocks) + 2
-
-    @property
-    def standard_depth(self) -> Optional[int]:
-        """The ``MODEL.RESNEXT.DEPTH`` whose block table is ``stage_blocks``, if any."""
-        for depth, blocks in STAGE_BLOCKS.items():
-            if tuple(blocks) == self.stage_blocks:
-                return depth
-        return None
-
-    @property
-    def preset(self) -> str:
-        return preset_name(self)
-
-    def describe(self) -> str:
-        name = self.preset or f"depth {self.depth}"
-        return (
-            f"{name} (blocks {list(self.stage_blocks)}, C={self.cardinality}, "
-            f"d={self.bottleneck_width}, stem {self.stem_out_channels}, "
-            f"res2 {self.res2_out_channels} channels)"
-        )
-
-
-def preset_name(arch: ArchInfo) -> str:
-    """The name in :data:`resnext_det.presets.PRESETS` of ``arch``, or "".
-
-    The paper's names ("X-50-32x4d", "R-50") win over the Table 2 aliases.
-    """
-    if (arch.stem_out_channels, arch.res2_out_channels) != (64, 256):
-        return ""
-    for name, p in PRESETS.items():
-        if (
-            STAGE_BLOCKS[p.depth] == list(arch.stage_blocks)
-            and (p.cardinality, p.bottleneck_width) == (arch.cardinality, arch.bottleneck_width)
-        ):
-            return name
-    return ""
-
-
-@dataclass(frozen=True)
 class WeightsMetadata:
     """Everything :mod:`resnext_det.checkpoint` records next to the weights.
 
@@ -202,21 +135,30 @@ class WeightsMetadata:
         kind: "backbone" (converted ImageNet trunk, keys ``stem.*``,
             ``res2.*`` .. ``res5.*``) or "detector" (saved by our trainer).
         input: the input convention, or None when unknown.
-        arch: the backbone architecture, or None when unknown.
+        arch: the backbone architecture, or None when unknown. Of the spec, the
+            fields that shapes decide (``ResNeXtSpec.SHAPE_FIELDS``) and
+            ``stride_in_1x1`` are recorded; the others are the model's business.
         source: provenance (format, file name, sha256) for backbone files.
+        weights_norm: how the file stores its norms: "BN" (running statistics from
+            ImageNet) or "affine" (Caffe2 AffineChannel: BN folded into scale and bias).
     """
 
     kind: str
     input: Optional[InputConvention]
-    arch: Optional[ArchInfo]
+    arch: Optional[ResNeXtSpec]
     source: Optional[dict] = None
+    weights_norm: str = "BN"
 
     def to_dict(self) -> dict:
+        arch = None
+        if self.arch is not None:
+            arch = {k: getattr(self.arch, k) for k in ResNeXtSpec.SHAPE_FIELDS}
+            arch.update(stride_in_1x1=self.arch.stride_in_1x1, norm=self.weights_norm)
         return {
             "version": METADATA_VERSION,
             "kind": self.kind,
             "input": asdict(self.input) if self.input else None,
-            "arch": asdict(self.arch) if self.arch else None,
+            "arch": arch,
             "source": dict(self.source) if self.source else None,
         }
 
@@ -230,8 +172,12 @@ class WeightsMetadata:
                 f"resnext_det ({METADATA_VERSION}): update resnext_det"
             )
         inp = InputConvention(**d["input"]) if d.get("input") else None
-        arch = ArchInfo(**d["arch"]) if d.get("arch") else None
-        return cls(kind=d["kind"], input=inp, arch=arch, source=d.get("source"))
+        arch, weights_norm = None, "BN"
+        if d.get("arch"):
+            a = dict(d["arch"])
+            weights_norm = a.pop("norm", "BN")
+            arch = ResNeXtSpec(**{k: a[k] for k in ResNeXtSpec.SHAPE_FIELDS + ("stride_in_1x1",) if k in a})
+        return cls(kind=d["kind"], input=inp, arch=arch, source=d.get("source"), weights_norm=weights_norm)
 
 
 # --------------------------------------------------------------------------
@@ -321,43 +267,39 @@ def config_yaml(pairs: Sequence[Tuple[str, object]], *, base: Optional[str] = No
 # --------------------------------------------------------------------------
 # Config <-> metadata
 # --------------------------------------------------------------------------
-_SHAPE_KEYS = ("stage_blocks", "cardinality", "bottleneck_width", "stem_out_channels", "res2_out_channels")
 
 
 def _close(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-3) for x, y in zip(a, b))
 
 
-def metadata_from_config(cfg, *, kind: str = "detector") -> WeightsMetadata:
-    """What a checkpoint trained with ``cfg`` expects (input convention and, for
-    ResNeXt backbones, the architecture)."""
+def spec_of_model(model: nn.Module) -> Optional[ResNeXtSpec]:
+    """The :class:`ResNeXtSpec` of the (first) ResNeXt trunk in ``model``, or None
+    for a model without one (e.g. Detectron2's built-in ResNet)."""
+    for m in model.modules():
+        if isinstance(m, ResNeXt):
+            return m.spec
+    return None
+
+
+def metadata_from_model(model: nn.Module, cfg, *, kind: str = "detector") -> WeightsMetadata:
+    """What a checkpoint of ``model`` (built from ``cfg``) records and expects: the
+    input convention of ``cfg`` and the architecture of the model's ResNeXt trunk."""
     inp = None
     if cfg.INPUT.FORMAT in ("RGB", "BGR"):
         inp = InputConvention(
             cfg.INPUT.FORMAT, "0-255", tuple(cfg.MODEL.PIXEL_MEAN), tuple(cfg.MODEL.PIXEL_STD)
         )
-    arch = None
-    if "RESNEXT" in cfg.MODEL and "resnext" in cfg.MODEL.BACKBONE.NAME:
-        from ..modeling.resnext import resnext_spec_from_config
-
-        s = resnext_spec_from_config(cfg)
-        arch = ArchInfo(
-            stage_blocks=s.stage_blocks,
-            cardinality=s.cardinality,
-            bottleneck_width=s.bottleneck_width,
-            stem_out_channels=s.stem_out_channels,
-            res2_out_channels=s.res2_out_channels,
-            stride_in_1x1=s.stride_in_1x1,
-            norm=s.norm,
-        )
-    return WeightsMetadata(kind=kind, input=inp, arch=arch)
+    return WeightsMetadata(kind=kind, input=inp, arch=spec_of_model(model))
 
 
-def check_weights_against_config(meta: WeightsMetadata, cfg, *, weights: str = "") -> List[str]:
-    """Raise :class:`WeightsConfigError` when ``meta`` and ``cfg`` disagree on the
-    architecture or the input convention; the message lists each key and the
-    ``KEY VALUE`` pairs that fix it. Returns warnings (non-fatal notes)."""
-    want = metadata_from_config(cfg)
+def check_weights_against_config(
+    meta: WeightsMetadata, cfg, *, model: nn.Module, weights: str = ""
+) -> List[str]:
+    """Raise :class:`WeightsConfigError` when ``meta`` disagrees with ``model`` (its
+    architecture) or ``cfg`` (the input convention); the message lists each key and
+    the ``KEY VALUE`` pairs that fix it. Returns warnings (non-fatal notes)."""
+    want = metadata_from_model(model, cfg)
     problems: List[str] = []
     fixes: List[Tuple[str, object]] = []
     warnings: List[str] = []
@@ -365,7 +307,7 @@ def check_weights_against_config(meta: WeightsMetadata, cfg, *, weights: str = "
 
     a, b = meta.arch, want.arch
     if a is not None and b is not None:
-        if any(getattr(a, k) != getattr(b, k) for k in _SHAPE_KEYS):
+        if not a.same_shapes(b):
             problems.append(
                 f"architecture: the weights are {a.describe()}, the config builds {b.describe()} "
                 "(MODEL.RESNEXT.PRESET / DEPTH / STAGE_BLOCKS / CARDINALITY / BOTTLENECK_WIDTH)"
@@ -378,13 +320,13 @@ def check_weights_against_config(meta: WeightsMetadata, cfg, *, weights: str = "
                 f"{'first 1x1' if b.stride_in_1x1 else '3x3'} conv"
             )
             fixes.append(("MODEL.RESNEXT.STRIDE_IN_1X1", bool(a.stride_in_1x1)))
-        if a.norm == "affine" and b.norm in ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN"):
+        if meta.weights_norm == "affine" and b.norm in ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN"):
             warnings.append(
                 f"MODEL.RESNEXT.NORM = {b.norm!r} with Caffe2 weights whose BN is folded into an "
                 "affine (no ImageNet statistics): training-mode BN normalises with batch statistics "
                 "before that affine. FrozenBN reproduces the ImageNet network exactly."
             )
-        if b.norm == "GN" and a.norm in ("BN", "affine"):
+        if b.norm == "GN":
             warnings.append(
                 "MODEL.RESNEXT.NORM = 'GN' with BN-trained weights: the convs load, GN's "
                 "affine parameters take BN's, and the running statistics are dropped."

@@ -14,7 +14,16 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from .convert import ConversionError, ConversionResult, _field, _spec, _t7_modules, _typename, torch7_layout
+from ..modeling.resnext import ResNeXt
+from .convert import (
+    ConversionError,
+    ConversionResult,
+    _field,
+    _t7_modules,
+    _typename,
+    torch7_layout,
+    trunk_spec,
+)
 
 __all__ = ["reference_features", "verify_conversion", "max_relative_error"]
 
@@ -246,15 +255,13 @@ def verify_conversion(
     Returns:
         {stage: (max abs difference, max abs reference value)} for res2..res5.
     """
-    from ..modeling.resnext import ResNeXt
-
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, size, size, generator=g)
     try:
         ref = reference_features(result, x)
     except (RuntimeError, KeyError, ValueError) as e:
         raise ConversionError(f"--verify could not run the {result.format} source model: {e}") from e
-    model = ResNeXt(_spec(result.metadata.arch)).eval()
+    model = ResNeXt(trunk_spec(result.metadata.arch)).eval()
     model.load_state_dict(result.state_dict, strict=True)
     # --to-rgb weights take the channels reversed: feed them the same image.
     ours = model(x.flip(1) if result.flipped_to_rgb else x)

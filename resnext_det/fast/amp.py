@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 PRECISIONS = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # pragma: no cover - old or odd builds
@@ -63,7 +63,7 @@ def amp_dtype(cfg, device: Optional[str] = None) -> Optional[torch.dtype]:
     dtype = PRECISIONS[precision]
     if dtype is None:
         dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
-    if device_type == "cpu" and dtype == torch.bfloat16 and not _cpu_has_fast_bf16():
+    if device_type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
         warnings.warn(
             "SOLVER.AMP.ENABLED: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so "
             "bf16 autocast would be slower than fp32; running in fp32. Set "

@@ -23,6 +23,8 @@ from torch import nn
 
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
+from ..modeling.resnext import ResNeXtBlock
+
 __all__ = ["fold_frozen_bn", "fuse_frozen_bn", "FrozenBNFusedConv2d"]
 
 
@@ -35,8 +37,6 @@ def _foldable_convs(model: nn.Module):
     """Detectron2 ``Conv2d``s followed by a ``FrozenBatchNorm2d`` that compute
     through ``Conv2d.forward`` (not the explicit paths of forms a/b, which read
     ``conv.weight`` directly and would ignore a bias)."""
-    from ..modeling.resnext import ResNeXtBlock
-
     skip = set()
     for m in model.modules():
         if isinstance(m, ResNeXtBlock) and m.form != "c":

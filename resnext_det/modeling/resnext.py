@@ -14,8 +14,7 @@ feature bookkeeping), so parameter names are Detectron2's (``stem.conv1``,
 ``res2.0.conv1.norm``, ``res2.0.shortcut``) and Detectron2 model-zoo ResNeXt
 checkpoints load unchanged.
 """
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -27,25 +26,18 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicStem
 
-from ..config import add_resnext_config
-from ..presets import PRESETS, STAGE_BLOCKS
+from .spec import BLOCK_FORMS, FEATURE_NAMES, ResNeXtSpec
 
 __all__ = [
     "BLOCK_FORMS",
     "ResNeXtBlock",
     "ResNeXt",
-    "ResNeXtSpec",
-    "resnext_spec_from_config",
     "make_resnext_stage",
     "build_resnext_backbone",
     "build_resnext_fpn_backbone",
     "build_resnext_retinanet_fpn_backbone",
 ]
 
-BLOCK_FORMS = ("a", "b", "c")
-_STAGE_NAMES = ("res2", "res3", "res4", "res5")
-_FEATURE_NAMES = ("stem",) + _STAGE_NAMES
-_NORMS = ("FrozenBN", "BN", "SyncBN", "GN", "nnSyncBN", "naiveSyncBN", "LN", "")
 
 
 class ResNeXtBlock(CNNBlockBase):
@@ -159,28 +151,37 @@ class ResNeXtBlock(CNNBlockBase):
             if layer is not None:
                 weight_init.c2_msra_fill(layer)
 
-    @staticmethod
-    def _norm(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
-        return conv.norm(x) if conv.norm is not None else x
+    # TorchScript compiles every branch of forward whatever self.form is, so forms a
+    # and b are written in its subset too: explicit loops (no generators, no module
+    # passed as an argument), each norm read from its conv (None once folded).
 
     def _paths_1x1_3x3(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The first two layers of the C explicit paths (forms a and b)."""
         d = self.bottleneck_width
         w1 = self.conv1.weight.split(d, dim=0)  # C x (d, in, 1, 1)
         w2 = self.conv2.weight.split(d, dim=0)  # C x (d, d, 3, 3): group i
-        h = [F.conv2d(x, w, stride=self.stride_1x1) for w in w1]
-        h = F.relu_(self._norm(self.conv1, torch.cat(h, dim=1))).split(d, dim=1)
-        h = [
-            F.conv2d(
-                hi,
-                w,
-                stride=self.stride_3x3,
-                padding=self.dilation,
-                dilation=self.dilation,
+        h: List[torch.Tensor] = []
+        for w in w1:
+            h.append(F.conv2d(x, w, stride=self.stride_1x1))
+        y = torch.cat(h, dim=1)
+        if self.conv1.norm is not None:
+            y = self.conv1.norm(y)
+        h1 = F.relu_(y).split(d, dim=1)
+        h = []
+        for i in range(len(w2)):
+            h.append(
+                F.conv2d(
+                    h1[i],
+                    w2[i],
+                    stride=self.stride_3x3,
+                    padding=self.dilation,
+                    dilation=self.dilation,
+                )
             )
-            for hi, w in zip(h, w2)
-        ]
-        return F.relu_(self._norm(self.conv2, torch.cat(h, dim=1))).split(d, dim=1)
+        y = torch.cat(h, dim=1)
+        if self.conv2.norm is not None:
+            y = self.conv2.norm(y)
+        return F.relu_(y).split(d, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "c":
@@ -193,151 +194,17 @@ class ResNeXtBlock(CNNBlockBase):
         else:  # "a": each path ends in its own 1x1 to `out`; aggregate by summing.
             paths = self._paths_1x1_3x3(x)
             w3 = self.conv3.weight.split(self.bottleneck_width, dim=1)  # C x (out, d, 1, 1)
-            out = sum(F.conv2d(p, w) for p, w in zip(paths, w3))
-            out = self._norm(self.conv3, out)
+            out = F.conv2d(paths[0], w3[0])
+            for i in range(1, len(paths)):
+                out = out + F.conv2d(paths[i], w3[i])
+            if self.conv3.norm is not None:
+                out = self.conv3.norm(out)
 
         shortcut = self.shortcut(x) if self.shortcut is not None else x
         # In place, as Detectron2's BottleneckBlock: a new tensor here cost ~3-7% of
         # the trunk's forward on CPU (allocation + page faults; tools/benchmark.py).
         out += shortcut
         return F.relu_(out)
-
-
-@dataclass(frozen=True)
-class ResNeXtSpec:
-    """A validated, fully resolved ResNeXt architecture (see ``MODEL.RESNEXT``)."""
-
-    stage_blocks: Tuple[int, int, int, int]
-    cardinality: int
-    bottleneck_width: int
-    form: str = "c"
-    norm: str = "FrozenBN"
-    stride_in_1x1: bool = False
-    res5_dilation: int = 1
-    out_features: Tuple[str, ...] = ("res4",)
-    freeze_at: int = 2
-    stem_out_channels: int = 64
-    res2_out_channels: int = 256
-    channels_last: bool = False
-
-    @property
-    def depth(self) -> int:
-        """3 layers a block, plus the stem conv and the classifier, as the paper counts."""
-        return 3 * sum(self.stage_blocks) + 2
-
-    def stage_args(self, stage: int) -> dict:
-        """Keyword arguments of :func:`make_resnext_stage` for res{stage} (2..5)."""
-        i = stage - 2
-        dilation = self.res5_dilation if stage == 5 else 1
-        first_stride = 1 if stage == 2 or dilation > 1 else 2
-        in_channels = self.stem_out_channels if stage == 2 else self.res2_out_channels * 2 ** (i - 1)
-        return dict(
-            num_blocks=self.stage_blocks[i],
-            in_channels=in_channels,
-            out_channels=self.res2_out_channels * 2**i,
-            # "the width of the bottleneck doubles when the feature map is downsampled"
-            bottleneck_width=self.bottleneck_width * 2**i,
-            cardinality=self.cardinality,
-            first_stride=first_stride,
-            dilation=dilation,
-            norm=self.norm,
-            stride_in_1x1=self.stride_in_1x1,
-            form=self.form,
-        )
-
-
-def _bad(key: str, value, allowed: str) -> ValueError:
-    return ValueError(f"MODEL.RESNEXT.{key} = {value!r} is not valid: {allowed}.")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _default_resnext_node():
-    from detectron2.config import CfgNode as CN
-
-    cfg = CN()
-    cfg.MODEL = CN()
-    return add_resnext_config(cfg).MODEL.RESNEXT
-
-
-def resnext_spec_from_config(cfg) -> ResNeXtSpec:
-    """Read and validate ``cfg.MODEL.RESNEXT``; errors name the key to change."""
-    r = cfg.MODEL.RESNEXT
-    # fmt: off
-    depth             = r.DEPTH
-    cardinality       = r.CARDINALITY
-    bottleneck_width  = r.BOTTLENECK_WIDTH
-    # fmt: on
-    if r.PRESET:
-        if r.PRESET not in PRESETS:
-            raise _bad("PRESET", r.PRESET, f"choose one of {sorted(PRESETS)} or '' (none)")
-        preset = PRESETS[r.PRESET]
-        d = _default_resnext_node()
-        for key, ours, theirs, dflt in (
-            ("DEPTH", depth, preset.depth, d.DEPTH),
-            ("CARDINALITY", cardinality, preset.cardinality, d.CARDINALITY),
-            ("BOTTLENECK_WIDTH", bottleneck_width, preset.bottleneck_width, d.BOTTLENECK_WIDTH),
-        ):
-            if ours not in (theirs, dflt):
-                raise ValueError(
-                    f"MODEL.RESNEXT.PRESET = {r.PRESET!r} sets {key} = {theirs}, but "
-                    f"MODEL.RESNEXT.{key} = {ours}: remove one of the two."
-                )
-        depth, cardinality, bottleneck_width = preset
-
-    if r.STAGE_BLOCKS:
-        blocks = list(r.STAGE_BLOCKS)
-        if len(blocks) != 4 or not all(_is_int(b) and b > 0 for b in blocks):
-            raise _bad("STAGE_BLOCKS", blocks, "give 4 positive block counts for res2..res5, or []")
-    else:
-        if depth not in STAGE_BLOCKS:
-            raise _bad(
-                "DEPTH",
-                depth,
-                f"choose one of {sorted(STAGE_BLOCKS)}, or set MODEL.RESNEXT.STAGE_BLOCKS "
-                "to 4 block counts for a custom depth",
-            )
-        blocks = STAGE_BLOCKS[depth]
-    if not _is_int(cardinality) or cardinality < 1:
-        raise _bad("CARDINALITY", cardinality, "the paper's C must be an integer >= 1 (e.g. 32)")
-    if not _is_int(bottleneck_width) or bottleneck_width < 1:
-        raise _bad("BOTTLENECK_WIDTH", bottleneck_width, "the paper's d must be an integer >= 1 (e.g. 4)")
-    if r.BLOCK_FORM not in BLOCK_FORMS:
-        raise _bad("BLOCK_FORM", r.BLOCK_FORM, f"choose one of {list(BLOCK_FORMS)} (Fig. 3)")
-    if r.NORM not in _NORMS:
-        raise _bad("NORM", r.NORM, f"choose one of {list(_NORMS)}")
-    if r.NORM == "GN" and (cardinality * bottleneck_width) % 32:
-        raise ValueError(
-            f"MODEL.RESNEXT.NORM = 'GN' uses 32 groups, but C*d = {cardinality * bottleneck_width} "
-            "(MODEL.RESNEXT.CARDINALITY x MODEL.RESNEXT.BOTTLENECK_WIDTH) is not a multiple of 32."
-        )
-    if r.RES5_DILATION not in (1, 2):
-        raise _bad("RES5_DILATION", r.RES5_DILATION, "choose 1 or 2")
-    out_features = tuple(r.OUT_FEATURES)
-    bad = [f for f in out_features if f not in _FEATURE_NAMES]
-    if not out_features or bad:
-        raise _bad("OUT_FEATURES", list(out_features), f"name one or more of {list(_FEATURE_NAMES)}")
-    if not _is_int(r.FREEZE_AT) or not 0 <= r.FREEZE_AT <= 5:
-        raise _bad("FREEZE_AT", r.FREEZE_AT, "choose 0 (train all) .. 5 (freeze stem and res2..res5)")
-    for key in ("STEM_OUT_CHANNELS", "RES2_OUT_CHANNELS"):
-        if not _is_int(r[key]) or r[key] < 1:
-            raise _bad(key, r[key], "must be a positive integer")
-    return ResNeXtSpec(
-        stage_blocks=tuple(blocks),
-        cardinality=cardinality,
-        bottleneck_width=bottleneck_width,
-        form=r.BLOCK_FORM,
-        norm=r.NORM,
-        stride_in_1x1=bool(r.STRIDE_IN_1X1),
-        res5_dilation=r.RES5_DILATION,
-        out_features=out_features,
-        freeze_at=r.FREEZE_AT,
-        stem_out_channels=r.STEM_OUT_CHANNELS,
-        res2_out_channels=r.RES2_OUT_CHANNELS,
-        channels_last=bool(r.get("CHANNELS_LAST", False)),
-    )
 
 
 def make_resnext_stage(
@@ -382,11 +249,11 @@ class ResNeXt(ResNet):
     def __init__(self, spec: ResNeXtSpec, *, in_channels: int = 3):
         """
         Args:
-            spec: the architecture, usually from :func:`resnext_spec_from_config`.
+            spec: the architecture, usually ``ResNeXtSpec.from_config(cfg)``.
             in_channels: channels of the input image.
         """
         stem = BasicStem(in_channels=in_channels, out_channels=spec.stem_out_channels, norm=spec.norm)
-        last = max(_FEATURE_NAMES.index(f) for f in spec.out_features)  # 0 = stem .. 4 = res5
+        last = max(FEATURE_NAMES.index(f) for f in spec.out_features)  # 0 = stem .. 4 = res5
         stages = [
             make_resnext_stage(**spec.stage_args(stage)) for stage in range(2, 2 + max(last, 1))
         ]
@@ -399,10 +266,23 @@ class ResNeXt(ResNet):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """:meth:`ResNet.forward` (written out: TorchScript has no ``super()``), with
+        NHWC activations when ``channels_last``."""
+        if x.dim() != 4:
+            raise ValueError(f"ResNeXt takes an input of shape (N, C, H, W), got {x.shape}.")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
+        outputs: Dict[str, torch.Tensor] = {}
+        x = self.stem(x)
+        if "stem" in self._out_features:
+            outputs["stem"] = x
+        # A ModuleList when scripted (ResNet.__prepare_scriptable__, Detectron2's patch).
+        for name, stage in zip(self.stage_names, self.stages):
+            x = stage(x)
+            if name in self._out_features:
+                outputs[name] = x
+        return outputs
 
 
 def _check_fpn_inputs(cfg, bottom_up: ResNeXt, in_features: Sequence[str]) -> None:
@@ -423,7 +303,7 @@ def _check_fpn_inputs(cfg, bottom_up: ResNeXt, in_features: Sequence[str]) -> No
 @BACKBONE_REGISTRY.register()
 def build_resnext_backbone(cfg, input_shape: ShapeSpec) -> ResNeXt:
     """Plain ResNeXt trunk (C4 models: ``OUT_FEATURES: ["res4"]``), from ``MODEL.RESNEXT``."""
-    return ResNeXt(resnext_spec_from_config(cfg), in_channels=input_shape.channels)
+    return ResNeXt(ResNeXtSpec.from_config(cfg), in_channels=input_shape.channels)
 
 
 @BACKBONE_REGISTRY.register()

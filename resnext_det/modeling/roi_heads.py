@@ -5,7 +5,8 @@ from torch import nn
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import Res5ROIHeads
 
-from .resnext import make_resnext_stage, resnext_spec_from_config
+from .resnext import make_resnext_stage
+from .spec import ResNeXtSpec
 
 __all__ = ["ResNeXtRes5ROIHeads"]
 
@@ -20,7 +21,7 @@ class ResNeXtRes5ROIHeads(Res5ROIHeads):
 
     @classmethod
     def _build_res5_block(cls, cfg):
-        spec = resnext_spec_from_config(cfg)
+        spec = ResNeXtSpec.from_config(cfg)
         args = spec.stage_args(5)
         # The head pools res4 at stride 16 and downsamples to 32 in its first block.
         args.update(first_stride=2, dilation=1)

@@ -2,22 +2,12 @@
 """The paper's Appendix B detector and schedule: RPN and Fast R-CNN that do not
 share features, trained in stages (Xie et al., CVPR 2017, Appendix B)."""
 from . import meta_arch as _  # noqa: F401  registration: UnsharedRCNN
-from .config import add_unshared_config
 from .meta_arch import UnsharedRCNN
 from .proposals import ProposalFileMismatch, check_proposal_file, dump_proposals, load_proposal_file
-from .schedule import (
-    STAGE_DIRS,
-    STAGES,
-    TABLE8,
-    export_unshared_checkpoint,
-    proposal_file,
-    read_stage_marker,
-    run_schedule,
-    stage_configs,
-)
+from .schedule import TABLE8, export_unshared_checkpoint, read_stage_marker, run_schedule
+from .stages import STAGE_DIRS, STAGES, proposal_file, stage_configs
 
 __all__ = [
-    "add_unshared_config",
     "UnsharedRCNN",
     "ProposalFileMismatch",
     "check_proposal_file",

@@ -10,6 +10,8 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, ProposalNetwork
 from detectron2.structures import ImageList, Instances
 
+from .stages import stage_configs
+
 __all__ = ["UnsharedRCNN"]
 
 
@@ -53,8 +55,6 @@ class UnsharedRCNN(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> Dict[str, nn.Module]:
-        from .schedule import stage_configs  # the stage configs define both networks
-
         cfgs = stage_configs(cfg)
         rpn_cfg = cfgs["rpn"].clone()
         rpn_cfg.defrost()

@@ -33,9 +33,10 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.evaluation.evaluator import inference_context
 from detectron2.structures import Boxes, BoxMode, Instances
 
+from ..utils.io import atomic_write_bytes, atomic_write_json
+
 __all__ = [
     "ProposalFileMismatch",
-    "atomic_write_bytes",
     "check_proposal_file",
     "dump_proposals",
     "load_proposal_file",
@@ -50,19 +51,6 @@ _D1_KEYS = {"indexes": "ids", "scores": "objectness_logits"}
 
 class ProposalFileMismatch(ValueError):
     """A proposal file does not hold exactly one entry per image of its dataset."""
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``: a
-    reader sees either the old file or the complete new one, never a partial
-    file, even if the process is killed while writing."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_pickle(path: str, obj: Any) -> None:
@@ -310,7 +298,7 @@ def dump_proposals(
         }
         _atomic_pickle(output_file, data)
         # what the file was made from, readable without loading the file (it can be GBs)
-        atomic_write_bytes(output_file + ".json", json.dumps(meta, indent=2).encode())
+        atomic_write_json(output_file + ".json", meta)
         for f in glob.glob(glob.escape(output_file) + ".shard*"):
             os.remove(f)  # this run's shares, and stale ones of runs on other world sizes
         counts = [len(b) for b in data["boxes"]]

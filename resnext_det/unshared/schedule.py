@@ -3,7 +3,7 @@
 features, trained one after the other, then COCO evaluation.
 
 Xie et al., CVPR 2017, Appendix B (numbers in ``UNSHARED.*``, see
-:mod:`resnext_det.unshared.config`):
+:func:`resnext_det.add_resnext_config`):
 
 1. ``rpn``: an RPN-only model (Detectron2 ``ProposalNetwork``, backbone from
    ``MODEL.WEIGHTS``), 8 GPUs x 2 images, 256 anchors per image, lr 0.02 for
@@ -22,7 +22,6 @@ completion with ``stage_done.json``. Rerunning skips finished stages and
 resumes an interrupted training stage from its last checkpoint.
 """
 import datetime
-import io
 import json
 import logging
 import math
@@ -41,9 +40,10 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import METADATA_KEY
 from ..engine.trainer import Trainer
-from ..presets import PRESETS
+from ..modeling.spec import ResNeXtSpec
+from ..utils.io import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .stages import PER_STAGE_SOLVER, STAGE_DIRS, STAGES, proposal_file, stage_configs, stage_dir
 from .proposals import (
-    atomic_write_bytes,
     check_proposal_file,
     dump_proposals,
     proposal_file_meta,
@@ -62,13 +62,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("rpn", "proposals", "fast_rcnn", "eval")
-STAGE_DIRS = {
-    "rpn": "stage1_rpn",
-    "proposals": "stage2_proposals",
-    "fast_rcnn": "stage3_fast_rcnn",
-    "eval": "stage4_eval",
-}
 MARKER = "stage_done.json"
 
 # Table 8 of the paper: Faster R-CNN on COCO minival (coco_2014_minival), keyed
@@ -95,115 +88,6 @@ _VOLATILE = (
     "DATASETS.PROPOSAL_FILES_TRAIN",
     "DATASETS.PROPOSAL_FILES_TEST",
 )
-# Solver keys that each stage takes from UNSHARED.{RPN,FAST_RCNN} instead.
-_PER_STAGE_SOLVER = ("IMS_PER_BATCH", "BASE_LR", "STEPS", "MAX_ITER")
-
-
-# ----------------------------------------------------------------------------
-# Configs
-# ----------------------------------------------------------------------------
-def _stage_dir(cfg: CfgNode, stage: str) -> str:
-    return os.path.join(cfg.OUTPUT_DIR, STAGE_DIRS[stage])
-
-
-def proposal_file(cfg: CfgNode, dataset_name: str, post_nms_topk: int) -> str:
-    """Where stage 2 writes the proposals of ``dataset_name`` (``post_nms_topk``
-    per image): ``OUTPUT_DIR/stage2_proposals/{dataset}_top{k}.pkl``."""
-    return os.path.join(_stage_dir(cfg, "proposals"), f"{dataset_name}_top{post_nms_topk}.pkl")
-
-
-def _check_solver_node(cfg: CfgNode, node: str) -> None:
-    s = cfg.UNSHARED[node]
-    key = f"UNSHARED.{node}"
-    if s.MAX_ITER <= 0:
-        raise ValueError(f"{key}.MAX_ITER must be > 0, got {s.MAX_ITER}.")
-    steps = list(s.STEPS)
-    if steps != sorted(steps) or any(not 0 < x < s.MAX_ITER for x in steps):
-        raise ValueError(
-            f"{key}.STEPS must increase and lie in (0, {key}.MAX_ITER={s.MAX_ITER}), got {steps}."
-        )
-    if s.BASE_LR <= 0 or s.IMS_PER_BATCH <= 0 or s.BATCH_SIZE_PER_IMAGE <= 0:
-        raise ValueError(
-            f"{key}.BASE_LR, IMS_PER_BATCH and BATCH_SIZE_PER_IMAGE must be > 0, got "
-            f"{s.BASE_LR}, {s.IMS_PER_BATCH}, {s.BATCH_SIZE_PER_IMAGE}."
-        )
-    ref = cfg.SOLVER.REFERENCE_WORLD_SIZE
-    if ref > 0 and s.IMS_PER_BATCH % ref:
-        raise ValueError(
-            f"{key}.IMS_PER_BATCH={s.IMS_PER_BATCH} is not a multiple of "
-            f"SOLVER.REFERENCE_WORLD_SIZE={ref} (the number of GPUs it is given for); "
-            "change one of them."
-        )
-
-
-def stage_configs(cfg: CfgNode) -> Dict[str, CfgNode]:
-    """The Detectron2 configs of the two training stages of the schedule.
-
-    Args:
-        cfg: a config with the ``UNSHARED`` node (:func:`add_resnext_config`).
-
-    Returns:
-        ``{"rpn": cfg_rpn, "fast_rcnn": cfg_fast_rcnn}``: plain Detectron2 configs
-        (``UNSHARED.ENABLED`` False) that train the stage when given to
-        :class:`DefaultTrainer`. ``cfg_rpn`` is a ``ProposalNetwork`` trained
-        with ``UNSHARED.RPN``; ``cfg_fast_rcnn`` a ``GeneralizedRCNN`` with
-        ``PrecomputedProposals`` trained with ``UNSHARED.FAST_RCNN`` on the files of
-        stage 2 (``DATASETS.PROPOSAL_FILES_TRAIN/TEST``). Both start from
-        ``MODEL.WEIGHTS`` and keep ``SOLVER.REFERENCE_WORLD_SIZE``, so that
-        Detectron2 scales them to the number of processes. Their ``OUTPUT_DIR``
-        are the stage folders.
-    """
-    if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals":
-        raise ValueError(
-            "The schedule trains its own RPN: set MODEL.PROPOSAL_GENERATOR.NAME to 'RPN' "
-            "(the stored proposals of stage 2 are used automatically)."
-        )
-    for node in ("RPN", "FAST_RCNN"):
-        _check_solver_node(cfg, node)
-    u = cfg.UNSHARED
-
-    base = cfg.clone()
-    base.defrost()
-    base.UNSHARED.ENABLED = False
-    base.MODEL.LOAD_PROPOSALS = False
-    base.DATASETS.PROPOSAL_FILES_TRAIN = ()
-    base.DATASETS.PROPOSAL_FILES_TEST = ()
-
-    rpn = base.clone()
-    rpn.MODEL.META_ARCHITECTURE = "ProposalNetwork"
-    rpn.MODEL.RPN.BATCH_SIZE_PER_IMAGE = u.RPN.BATCH_SIZE_PER_IMAGE
-    # ProposalNetwork computes proposals in training only to discard them (Detectron2:
-    # "about 5% slower"; on a CPU the NMS over 12000 boxes is ~40% of an iteration).
-    rpn.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 1
-    rpn.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1
-    for k in _PER_STAGE_SOLVER:
-        rpn.SOLVER[k] = u.RPN[k]
-    rpn.OUTPUT_DIR = _stage_dir(cfg, "rpn")
-
-    frcn = base.clone()
-    frcn.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
-    frcn.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
-    frcn.MODEL.LOAD_PROPOSALS = True
-    frcn.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = u.FAST_RCNN.BATCH_SIZE_PER_IMAGE
-    for k in _PER_STAGE_SOLVER:
-        frcn.SOLVER[k] = u.FAST_RCNN[k]
-    frcn.DATASETS.PROPOSAL_FILES_TRAIN = tuple(
-        proposal_file(cfg, n, u.PROPOSALS.TRAIN_POST_NMS_TOPK) for n in cfg.DATASETS.TRAIN
-    )
-    frcn.DATASETS.PROPOSAL_FILES_TEST = tuple(
-        proposal_file(cfg, n, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) for n in cfg.DATASETS.TEST
-    )
-    # Use all stored proposals: the same boxes as the end-to-end UnsharedRCNN.
-    frcn.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN = u.PROPOSALS.TRAIN_POST_NMS_TOPK
-    frcn.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST = cfg.MODEL.RPN.POST_NMS_TOPK_TEST
-    frcn.OUTPUT_DIR = _stage_dir(cfg, "fast_rcnn")
-
-    if cfg.is_frozen():
-        rpn.freeze()
-        frcn.freeze()
-    return {"rpn": rpn, "fast_rcnn": frcn}
-
-
 def _check_schedule_config(cfg: CfgNode, cli_opts: Sequence[str]) -> None:
     if cfg.MODEL.META_ARCHITECTURE != "UnsharedRCNN":
         raise ValueError(
@@ -220,7 +104,7 @@ def _check_schedule_config(cfg: CfgNode, cli_opts: Sequence[str]) -> None:
     if not cfg.DATASETS.TRAIN or not cfg.DATASETS.TEST:
         raise ValueError("The schedule needs DATASETS.TRAIN and DATASETS.TEST (evaluated in stage 4).")
     set_keys = {str(k) for k in list(cli_opts)[::2]}
-    wrong = [f"SOLVER.{k}" for k in _PER_STAGE_SOLVER if f"SOLVER.{k}" in set_keys]
+    wrong = [f"SOLVER.{k}" for k in PER_STAGE_SOLVER if f"SOLVER.{k}" in set_keys]
     if wrong:
         raise ValueError(
             f"{', '.join(wrong)} would be ignored: each stage of the schedule has its own "
@@ -234,27 +118,11 @@ def _check_schedule_config(cfg: CfgNode, cli_opts: Sequence[str]) -> None:
 def read_stage_marker(cfg: CfgNode, stage: str) -> Optional[Dict[str, Any]]:
     """The completion record of ``stage`` (its ``stage_done.json``), or None if
     the stage has not finished."""
-    path = os.path.join(_stage_dir(cfg, stage), MARKER)
+    path = os.path.join(stage_dir(cfg, stage), MARKER)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with NaN/inf (COCO metrics of empty area ranges) as None: strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _write_json(path: str, obj: Any) -> None:
-    text = json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
-    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def _flat(cfg: CfgNode, prefix: str = "") -> Dict[str, Any]:
@@ -293,7 +161,7 @@ def _warn_if_changed(cfg, cfgs, stage: str, marker: Dict[str, Any]) -> None:
         logger.warning(
             f"Stage {stage!r} finished earlier with another config (differs in "
             f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}); its result is kept. "
-            f"To redo it, delete {_stage_dir(cfg, stage)} (and the later stages' folders)."
+            f"To redo it, delete {stage_dir(cfg, stage)} (and the later stages' folders)."
         )
 
 
@@ -334,7 +202,7 @@ def _train_stage(stage_cfg: CfgNode) -> Dict[str, Any]:
     c.freeze()
     if comm.is_main_process():
         os.makedirs(c.OUTPUT_DIR, exist_ok=True)
-        atomic_write_bytes(os.path.join(c.OUTPUT_DIR, "config.yaml"), c.dump().encode())
+        atomic_write_text(os.path.join(c.OUTPUT_DIR, "config.yaml"), c.dump())
     trainer = Trainer(c)  # scales batch, lr and iterations to the world size
     s = trainer.cfg.SOLVER
     now = {"world_size": comm.get_world_size(), "ims_per_batch": s.IMS_PER_BATCH, "max_iter": s.MAX_ITER}
@@ -349,7 +217,7 @@ def _train_stage(stage_cfg: CfgNode) -> Dict[str, Any]:
             )
     comm.synchronize()
     if comm.is_main_process():
-        _write_json(started, now)
+        atomic_write_json(started, now)
     trainer.resume_or_load(resume=True)
     if trainer.start_iter >= trainer.max_iter:
         logger.info(f"{c.OUTPUT_DIR} is trained to its MAX_ITER already; delete it to retrain.")
@@ -423,11 +291,9 @@ def export_unshared_checkpoint(rpn_weights: str, fast_rcnn_weights: str, output_
         if METADATA_KEY in ckpt:  # input convention and architecture, checked when loaded
             out[METADATA_KEY] = ckpt[METADATA_KEY]
     out["model"] = model
-    buf = io.BytesIO()
-    torch.save(out, buf)
-    atomic_write_bytes(output_file, buf.getvalue())
+    atomic_write(output_file, lambda f: torch.save(out, f))
     folder = os.path.dirname(os.path.abspath(output_file))
-    atomic_write_bytes(os.path.join(folder, "last_checkpoint"), os.path.basename(output_file).encode())
+    atomic_write_text(os.path.join(folder, "last_checkpoint"), os.path.basename(output_file))
     return output_file
 
 
@@ -459,15 +325,11 @@ def _evaluate(cfg: CfgNode, model, folder: str) -> Dict[str, Any]:
 
 
 def _paper_row(cfg: CfgNode) -> Optional[Dict[str, Any]]:
-    r = cfg.MODEL.RESNEXT
-    if r.STAGE_BLOCKS:
+    """The Table 8 row of the config's architecture, if the paper has one."""
+    spec = ResNeXtSpec.from_config(cfg)
+    if spec.standard_depth is None:
         return None
-    if r.PRESET:
-        p = PRESETS.get(r.PRESET)
-        key = (p.depth, p.cardinality, p.bottleneck_width) if p else None
-    else:
-        key = (r.DEPTH, r.CARDINALITY, r.BOTTLENECK_WIDTH)
-    return TABLE8.get(key)
+    return TABLE8.get((spec.standard_depth, spec.cardinality, spec.bottleneck_width))
 
 
 _COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -502,7 +364,7 @@ def _markdown(results: Dict[str, Any]) -> str:
 
 
 def _stage_eval(cfg, cfgs, force: bool) -> Dict[str, Any]:
-    folder = _stage_dir(cfg, "eval")
+    folder = stage_dir(cfg, "eval")
     frcn = cfgs["fast_rcnn"].clone()
     frcn.defrost()
     frcn.OUTPUT_DIR = folder
@@ -521,9 +383,9 @@ def _stage_eval(cfg, cfgs, force: bool) -> Dict[str, Any]:
         results["end_to_end"] = _evaluate(cfg, model, os.path.join(folder, "end_to_end"))
     results["paper_table8"] = _paper_row(cfg)
     if comm.is_main_process():
-        _write_json(os.path.join(folder, "results.json"), results)
+        atomic_write_json(os.path.join(folder, "results.json"), results)
         md = _markdown(results)
-        atomic_write_bytes(os.path.join(folder, "results.md"), md.encode())
+        atomic_write_text(os.path.join(folder, "results.md"), md)
         logger.info("Appendix B results (also in %s):\n%s", os.path.join(folder, "results.md"), md)
     return results
 
@@ -631,14 +493,14 @@ def run_schedule(
                     f"Stage {name!r} needs stage {prev!r}, which has not finished in "
                     f"{cfg.OUTPUT_DIR}: run the whole schedule (no --stage) or `--stage {prev}`."
                 )
-        logger.info(f"Stage {k + 1} ({name}): starting in {_stage_dir(cfg, name)}")
+        logger.info(f"Stage {k + 1} ({name}): starting in {stage_dir(cfg, name)}")
         t0 = time.perf_counter()
         res = _RUNNERS[name](cfg, cfgs, stage is not None)
         comm.synchronize()
         seconds = time.perf_counter() - t0
         if comm.is_main_process():
-            _write_json(
-                os.path.join(_stage_dir(cfg, name), MARKER),
+            atomic_write_json(
+                os.path.join(stage_dir(cfg, name), MARKER),
                 {
                     "stage": name,
                     "finished": datetime.datetime.now().isoformat(timespec="seconds"),
