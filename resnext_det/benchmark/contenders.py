@@ -39,10 +39,9 @@ Contenders = Dict[str, Tuple[torch.nn.Module, Optional[torch.dtype], CfgNode]]
 def our_cfg(config_file: str, opts: Sequence[str], device: str, extra: Sequence[str] = ()) -> CfgNode:
     """Our config (not frozen) from ``config_file`` and ``opts`` then ``extra``, on
     ``device``, without weights (speed does not depend on them)."""
-    cfg = setup_cfg(config_file, list(opts) + list(extra), freeze=False)
-    cfg.MODEL.DEVICE = device
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
+    return setup_cfg(
+        config_file, [*opts, *extra, "MODEL.DEVICE", device, "MODEL.WEIGHTS", ""], freeze=False
+    )
 
 
 def builtin_cfg(cfg: CfgNode) -> CfgNode:
