@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -45,8 +45,13 @@ from .checkpoint import convert_weights, save_converted
 from .fast.amp import cpu_has_fast_bf16
 from .modeling.spec import ResNeXtSpec
 from .utils.io import atomic_write, atomic_write_json
+from .errors import ConfigError, MissingFileError
+
+#: Stage 0's folder inside the detector's OUTPUT_DIR (``make demo``).
+STAGE0_DIR = "stage0_pretrain"
 
 __all__ = [
+    "STAGE0_DIR",
     "CROP_CLASSES",
     "PretrainSettings",
     "ShapeCrops",
@@ -132,14 +137,14 @@ class PretrainSettings:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"PretrainSettings: {msg}")
+                raise ConfigError(f"PretrainSettings: {msg}")
 
 
 def settings_from_config(cfg, **overrides) -> PretrainSettings:
     """The classifier of the architecture ``cfg`` builds (``MODEL.RESNEXT.*``)."""
     spec = ResNeXtSpec.from_config(cfg)
     if spec.stem_out_channels != 64 or spec.res2_out_channels != 256:
-        raise ValueError(
+        raise ConfigError(
             "Stage 0 pretrains torchvision's ResNeXt, whose stem has 64 and res2 256 channels: "
             "set MODEL.RESNEXT.STEM_OUT_CHANNELS 64 and MODEL.RESNEXT.RES2_OUT_CHANNELS 256."
         )
@@ -174,7 +179,7 @@ class ShapeCrops:
         import cv2
 
         if not dicts:
-            raise ValueError("ShapeCrops: the dataset has no images")
+            raise ConfigError("ShapeCrops: the dataset has no images")
         self.size = int(size)
         self.background_fraction = float(background_fraction)
         self.context = (float(context[0]), float(context[1]))
@@ -184,25 +189,25 @@ class ShapeCrops:
         for i, d in enumerate(dicts):
             bgr = cv2.imread(d["file_name"], cv2.IMREAD_COLOR)
             if bgr is None:
-                raise FileNotFoundError(f"ShapeCrops: cannot read {d['file_name']}")
+                raise MissingFileError(f"ShapeCrops: cannot read {d['file_name']}")
             self.images.append(np.ascontiguousarray(bgr[:, :, ::-1]))  # RGB, torchvision's order
             boxes = []
             for a in d.get("annotations", []):
                 if not 0 <= int(a["category_id"]) < len(CROP_CLASSES) - 1:
-                    raise ValueError(
+                    raise ConfigError(
                         f"ShapeCrops: {d['file_name']} has category_id {a['category_id']}; expected "
                         f"contiguous ids 0..{len(CROP_CLASSES) - 2} as Detectron2's registered "
                         "datasets give (DatasetCatalog.get), not the json's COCO ids"
                     )
                 if a.get("bbox_mode", 1) != 1:  # BoxMode.XYWH_ABS
-                    raise ValueError(f"ShapeCrops: {d['file_name']}: boxes must be XYWH_ABS")
+                    raise ConfigError(f"ShapeCrops: {d['file_name']}: boxes must be XYWH_ABS")
                 x, y, w, h = a["bbox"]
                 xyxy = np.array([x, y, x + w, y + h], np.float64)
                 boxes.append(xyxy)
                 self.objects.append((i, xyxy, int(a["category_id"])))
             self.boxes.append(np.array(boxes, np.float64).reshape(-1, 4))
         if not self.objects:
-            raise ValueError("ShapeCrops: the dataset has no annotated object")
+            raise ConfigError("ShapeCrops: the dataset has no annotated object")
 
     def _warp(self, img: np.ndarray, cx: float, cy: float, side: float) -> np.ndarray:
         import cv2
@@ -338,7 +343,7 @@ def pretrain_shapes_classifier(
     done = read_pretrain_marker(output_dir)
     if done is not None:
         if done.get("settings") != want:
-            raise ValueError(
+            raise ConfigError(
                 f"{output_dir} holds a stage 0 classifier trained with other settings "
                 f"({done.get('settings')}); delete the folder or choose another one."
             )

@@ -16,10 +16,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from resnext_det import plots as plot_results
 
-import plot_results  # noqa: E402  tools/plot_results.py
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _plot_tool(*args):
+    """tools/plot_results.py as a user runs it: its exit status and standard error."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_results.py"), *args],
+                       capture_output=True, text=True)
+    return r.returncode, r.stderr
 
 CONFIG = "configs/quickstart/faster_rcnn_X_26_8x4d_FPN_shapes_appendixB.yaml"
 # A tiny model and input on top of the demo config: the pipeline, not the accuracy.
@@ -71,7 +77,7 @@ def test_plot_results_on_fake_metrics(tmp_path):
     assert len(rows) == 12 and rows[-1]["bbox/AP"] == 40.0
     assert plot_results.loss_keys(rows) == ["total_loss", "loss_box_reg", "loss_cls"]
 
-    assert plot_results.main([str(out)]) == 0
+    assert _plot_tool(str(out))[0] == 0
     # One panel of 6.4 x 4.2 inches at 100 dpi (matplotlib's figsize x dpi) per run:
     # both runs have losses, only the second one evaluated.
     for name, size in (("loss_curves.png", (1280, 420)), ("ap_curves.png", (640, 420))):
@@ -79,7 +85,7 @@ def test_plot_results_on_fake_metrics(tmp_path):
             im.load()
             assert im.format == "PNG" and im.size == size, (name, im.size)
             assert np.asarray(im.convert("L")).std() > 5  # something is drawn
-    assert not [f for f in os.listdir(out) if f.startswith(".plot-")]  # no temp files left
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]  # no temp files left
 
 
 def test_plot_results_errors(tmp_path):
@@ -90,7 +96,8 @@ def test_plot_results_errors(tmp_path):
         plot_results.read_metrics(str(bad))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert plot_results.main([str(empty)]) == 2  # no metrics.json: a message, not a traceback
+    code, err = _plot_tool(str(empty))
+    assert code == 2 and "metrics.json" in err and "Traceback" not in err  # a message, not a traceback
     with pytest.raises(FileNotFoundError, match="no such folder"):
         plot_results.find_runs(str(tmp_path / "missing"))
     no_loss = tmp_path / "noloss" / "metrics.json"

@@ -42,6 +42,7 @@ from detectron2.utils.events import EventStorage
 
 import resnext_det  # noqa: F401  registers UnsharedRCNN and the shapes data
 from resnext_det.engine import Trainer, setup_cfg
+from resnext_det.engine import cli as train_cli
 from resnext_det.unshared import (
     STAGE_DIRS,
     TABLE8,
@@ -515,15 +516,11 @@ def test_unshared_rcnn_gives_the_stored_proposal_results(one_process, tmp_path):
         n_det += len(a[i])
     assert n_det > 0
     # What --eval-only loads: the one checkpoint of the schedule, through tools/train_net.py.
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import train_net
-
-    args = train_net.default_argument_parser().parse_args(
+    args = train_cli.argument_parser().parse_args(
         ["--eval-only", "--config-file", BASE, *TINY, "OUTPUT_DIR", str(tmp_path),
          "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]  # fmt: skip
     )
-    args.stage = None
-    got = train_net.main(args)
+    got = train_cli.main(args)
     assert got["bbox"]["AP"] == pytest.approx(e2e["AP"], abs=1e-6)
 
 
@@ -569,6 +566,22 @@ def test_stage_flag_reruns_one_stage_only(one_process, tmp_path):
     )
 
 
+def test_stage4_evaluates_the_model_eval_only_evaluates(one_process, tmp_path):
+    """With the fast path's inference switches on (FrozenBN folding, bf16/fp16 autocast), stage 4
+    and `--eval-only` of the same checkpoint build the same model (resnext_det.inference), so
+    their AP agrees; before, stage 4 evaluated the plain fp32 model whatever the switches."""
+    out = str(tmp_path / "copy")
+    shutil.copytree(one_process["out"], out)
+    fast = ["MODEL.RESNEXT.FOLD_FROZEN_BN", "True", "SOLVER.AMP.ENABLED", "True"]
+    res = run_schedule(tiny_cfg(out, *fast), stage="eval")
+    args = train_cli.argument_parser().parse_args(
+        ["--eval-only", "--config-file", BASE, *TINY, "OUTPUT_DIR", str(tmp_path / "ev"),
+         "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), *fast]  # fmt: skip
+    )
+    got = train_cli.main(args)
+    assert got["bbox"]["AP"] == pytest.approx(_bbox(res, "end_to_end")["AP"], abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Two CPU processes (gloo): the stand-in for 8 GPUs
 # ---------------------------------------------------------------------------------------------
@@ -611,8 +624,5 @@ def test_two_processes_as_good_as_one(one_process, tmp_path):
     assert two_proc["AP"] >= one_proc["AP"] - max(8.0, 0.35 * one_proc["AP"]), (two_proc, one_proc)
 
 
-if __name__ == "__main__":  # the launcher of the end-to-end runs
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import train_net
-
-    train_net.cli(sys.argv[1:])
+if __name__ == "__main__":  # the launcher of the end-to-end runs (what tools/train_net.py runs)
+    train_cli.cli(sys.argv[1:])

@@ -44,6 +44,10 @@ def test_train_net_fine_tunes_from_converted_weights(tmp_path):
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
+    # The package's own INFO lines reach plain train_net's log (console and log.txt).
+    with open(out / "log.txt") as f:
+        log = f.read()
+    assert "Loaded all" in log and "backbone tensors of MODEL.WEIGHTS" in log, log[-3000:]
     final = torch.load(out / "model_final.pth", weights_only=True)
     # The trainer's checkpoints record the config's input convention and architecture.
     meta = final["resnext_det"]

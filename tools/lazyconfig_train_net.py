@@ -14,10 +14,9 @@ This is Detectron2's ``tools/lazyconfig_train_net.py`` with resnext_det register
 checks that turn a wrong device or AMP setting into a message naming the override to pass.
 """
 import logging
+import sys
 
-import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -33,23 +32,12 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import resnext_det  # noqa: F401  registers backbones, heads and datasets
+from resnext_det.checkpoint import ResNeXtCheckpointer, attach_weights_record
+from resnext_det.engine.cli import run_tool
+from resnext_det.engine.setup import check_lazy_device
+from resnext_det.errors import ConfigError
 
 logger = logging.getLogger("resnext_det")
-
-
-def check_device(cfg) -> None:
-    """Fail early, naming the override, when the config asks for hardware that is not here."""
-    device = str(cfg.train.get("device", "cuda"))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"train.device = {device!r} but CUDA is not available: add the override "
-            "train.device=cpu (and train.amp.enabled=False)."
-        )
-    if cfg.train.get("amp", {}).get("enabled", False) and not device.startswith("cuda"):
-        raise RuntimeError(
-            f"train.amp.enabled = True needs a CUDA device, but train.device = {device!r}: "
-            "add the override train.amp.enabled=False."
-        )
 
 
 def do_test(cfg, model):
@@ -72,7 +60,10 @@ def do_train(args, cfg):
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    # Strict, as tools/train_net.py: init_checkpoint must fill the whole backbone and match
+    # the model's input convention (input_format / pixel_mean / pixel_std) and architecture.
+    checkpointer = ResNeXtCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    attach_weights_record(checkpointer, None)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -100,19 +91,19 @@ def do_train(args, cfg):
 def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    check_device(cfg)
+    check_lazy_device(cfg)
     default_setup(cfg, args)
 
     if args.eval_only:
         if not cfg.train.init_checkpoint:
-            raise ValueError(
+            raise ConfigError(
                 "--eval-only evaluates train.init_checkpoint, which is empty: add the override "
                 "train.init_checkpoint=path/to/model_final.pth"
             )
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        ResNeXtCheckpointer(model, require="all").load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)
 
@@ -130,4 +121,4 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(run_tool(cli, "lazyconfig_train_net.py"))

@@ -12,15 +12,12 @@ folder defaults to ``OUTPUT_DIR/stage0_pretrain``. A finished folder is reused; 
 interrupted one resumes. See :mod:`resnext_det.pretrain`.
 """
 import argparse
-import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from resnext_det.pretrain import STAGE0_DIR
 
-STAGE0_DIR = "stage0_pretrain"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_parser() -> argparse.ArgumentParser:

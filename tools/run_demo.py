@@ -38,15 +38,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from resnext_det.utils.io import atomic_write_json, atomic_write_text
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
-for _p in (ROOT, TOOLS):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -79,30 +77,6 @@ REQUEST_FILE = "demo_request.json"
 
 
 # ----------------------------------------------------------------------------- helpers
-def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _finite(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    return v
-
-
-def _write_json(path: str, obj: Any) -> None:
-    _atomic_write(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
-
 
 def _fmt(v: Optional[float]) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.1f}"
@@ -160,8 +134,7 @@ def run_pretrain_subprocess(config_file: str, output_dir: str, opts: Sequence[st
                             iters: Optional[int], quiet: bool = False) -> Dict[str, Any]:
     """Stage 0: ``tools/pretrain_shapes.py`` into ``output_dir/stage0_pretrain``;
     returns its ``pretrain_done.json``."""
-    from pretrain_shapes import STAGE0_DIR
-    from resnext_det.pretrain import read_pretrain_marker
+    from resnext_det.pretrain import STAGE0_DIR, read_pretrain_marker
 
     folder = os.path.join(output_dir, STAGE0_DIR)
     args = ["--config-file", config_file, "--output-dir", folder]
@@ -248,7 +221,7 @@ def write_results_md(path: str, results: Dict[str, Any], *, config_file: str, wa
         ok = all(box.get(k, float("nan")) >= v for k, v in TARGET.items())
         lines += ["", f"Target AP >= {TARGET['AP']:.0f} and AP50 >= {TARGET['AP50']:.0f}: "
                   + ("**met**" if ok else "**missed**")]
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -262,7 +235,8 @@ def draw_val_images(cfg, output_dir: str, *, num_images: int, scale: float = 2.0
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
-    from demo import Predictor, _instances  # tools/demo.py
+    from resnext_det.inference import Predictor
+    from resnext_det.visualize import instances_to_draw, write_image
 
     name = cfg.DATASETS.TEST[0]
     meta = MetadataCatalog.get(name)
@@ -276,7 +250,7 @@ def draw_val_images(cfg, output_dir: str, *, num_images: int, scale: float = 2.0
         boxes_only = dict(d, annotations=[{k: v for k, v in a.items() if k != "segmentation"}
                                           for a in d.get("annotations", [])])
         gt = Visualizer(rgb, meta, scale=scale).draw_dataset_dict(boxes_only).get_image()
-        inst = _instances(predictor(bgr), threshold)
+        inst = instances_to_draw(predictor(bgr), threshold)
         pred = Visualizer(rgb, meta, scale=scale, instance_mode=ColorMode.IMAGE)
         pred = pred.draw_instance_predictions(inst).get_image()
         h = gt.shape[0]
@@ -288,16 +262,7 @@ def draw_val_images(cfg, output_dir: str, *, num_images: int, scale: float = 2.0
         canvas = np.concatenate([header, np.concatenate([gt, pred[:h]], axis=1)], axis=0)
         stem = os.path.splitext(os.path.basename(d["file_name"]))[0]
         path = os.path.join(output_dir, f"val_{stem}.png")
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".val_", suffix=".png", dir=folder)
-        os.close(fd)
-        try:
-            if not cv2.imwrite(tmp, np.ascontiguousarray(canvas[:, :, ::-1])):
-                raise OSError(f"could not write {path}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_image(path, canvas)
         written.append(path)
     return written
 
@@ -321,7 +286,7 @@ def _check_request(output_dir: str, request: Dict[str, Any], fresh: bool) -> Non
     elif os.path.isdir(output_dir) and any(n.startswith("stage") for n in os.listdir(output_dir)):
         raise SystemExit(f"run_demo.py: {output_dir} holds stages of another run: use --fresh or "
                          "another --output-dir.")
-    _write_json(path, request)
+    atomic_write_json(path, request)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -361,7 +326,7 @@ def main(argv=None) -> int:
 
     import resnext_det  # noqa: F401  registers models and datasets
     from resnext_det.engine import setup_cfg
-    from plot_results import plot_loss_curves
+    from resnext_det.plots import plot_loss_curves
 
     base = setup_cfg(args.config_file, opts)
     if not base.UNSHARED.ENABLED:
@@ -391,7 +356,7 @@ def main(argv=None) -> int:
         results["iterations"]["pretrain"] = pre["settings"]["iters"]
         results["pretrain_val_accuracy"] = pre.get("val_accuracy")
     bbox = results["bbox"]
-    _write_json(os.path.join(output_dir, "final_results.json"), {"bbox": bbox})
+    atomic_write_json(os.path.join(output_dir, "final_results.json"), {"bbox": bbox})
 
     runs = {label: os.path.join(output_dir, folder, "metrics.json")
             for label, folder in (("stage 1: RPN", "stage1_rpn"), ("stage 3: Fast R-CNN", "stage3_fast_rcnn"))}
@@ -405,7 +370,7 @@ def main(argv=None) -> int:
     check = full_length and not args.no_check
     write_results_md(os.path.join(output_dir, "results.md"), results, config_file=args.config_file,
                      wall_seconds=wall, checked=check)
-    _write_json(os.path.join(output_dir, "summary.json"), {
+    atomic_write_json(os.path.join(output_dir, "summary.json"), {
         "config_file": args.config_file, "opts": train_opts, "stage_seconds": results["stage_seconds"],
         "pretrain_val_accuracy": results.get("pretrain_val_accuracy"),
         "iterations": results["iterations"], "pictures_seconds": round(t_pictures, 1),

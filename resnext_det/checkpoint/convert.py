@@ -40,6 +40,7 @@ from ..presets import PRESETS
 from ..utils.io import atomic_write
 from .metadata import CONVENTIONS, METADATA_KEY, InputConvention, WeightsMetadata
 from .readers import SourceWeights, key_family, read_weights_file
+from ..errors import UserError
 
 __all__ = [
     "FORMATS",
@@ -70,7 +71,7 @@ _D2_BACKBONE_KEY = re.compile(
 _STAGES = ("res2", "res3", "res4", "res5")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """The input cannot be converted as asked; the message says what to change."""
 
 

@@ -33,6 +33,7 @@ from .metadata import (
     metadata_from_model,
 )
 from .readers import _READ_ERRORS, CheckpointReadError, describe_read_failure, key_family
+from ..errors import ConfigError, MissingFileError
 
 __all__ = [
     "ResNeXtCheckpointer",
@@ -130,7 +131,7 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
         """
         super().__init__(model, save_dir, **checkpointables)
         if require not in ("backbone", "all"):
-            raise ValueError(f"require must be 'backbone' or 'all', got {require!r}")
+            raise ConfigError(f"require must be 'backbone' or 'all', got {require!r}")
         self.cfg = cfg
         self.require = require
         self._validate = True
@@ -148,14 +149,10 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, checkpointables=None):
         if path and "://" not in path and not os.path.isfile(path):
-            hint = ""
-            if os.path.basename(path) == "shapes_classifier_d2.pth":
-                hint = (" It is the demo's stage 0 file: run `make demo`, or "
-                        "`python tools/pretrain_shapes.py --config-file <this config>` first.")
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"MODEL.WEIGHTS = {path!r}: no such file. Point MODEL.WEIGHTS at a backbone "
                 "converted by tools/convert_pretrained.py or at a detector checkpoint "
-                "(model_final.pth), or set MODEL.WEIGHTS '' to train from scratch." + hint
+                "(model_final.pth), or set MODEL.WEIGHTS '' to train from scratch."
             )
         self._path = path
         return super().load(path, checkpointables)
@@ -201,7 +198,7 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
                 f"  python tools/convert_pretrained.py {self._path} {_suggest_output(self._path)} "
                 "--format detectron2 --convention torchvision|fair|detectron1|msra (see docs/weights.md)"
             )
-        if meta is not None and self.cfg is not None:
+        if meta is not None:
             for w in check_weights_against_config(meta, self.cfg, model=self.model, weights=self._path):
                 logger.warning(w)
 

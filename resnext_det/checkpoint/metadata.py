@@ -12,10 +12,12 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
 from ..modeling.resnext import ResNeXt
 from ..modeling.spec import ResNeXtSpec
+from ..errors import UserError
 
 __all__ = [
     "METADATA_KEY",
@@ -37,7 +39,7 @@ METADATA_KEY = "resnext_det"
 METADATA_VERSION = 1
 
 
-class WeightsConfigError(ValueError):
+class WeightsConfigError(UserError):
     """The weights and the config disagree; the message names the keys to set."""
 
 
@@ -282,14 +284,21 @@ def spec_of_model(model: nn.Module) -> Optional[ResNeXtSpec]:
     return None
 
 
-def metadata_from_model(model: nn.Module, cfg, *, kind: str = "detector") -> WeightsMetadata:
-    """What a checkpoint of ``model`` (built from ``cfg``) records and expects: the
-    input convention of ``cfg`` and the architecture of the model's ResNeXt trunk."""
+def metadata_from_model(model: nn.Module, cfg=None, *, kind: str = "detector") -> WeightsMetadata:
+    """What a checkpoint of ``model`` records and expects: the input convention of
+    ``cfg`` (``INPUT.FORMAT``, ``MODEL.PIXEL_MEAN/STD``) or, without a yacs config
+    (LazyConfig users), of the model itself (``input_format``, ``pixel_mean``,
+    ``pixel_std`` of Detectron2's meta-architectures), and the architecture of the
+    model's ResNeXt trunk."""
+    if cfg is not None:
+        fmt, mean, std = cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD
+    else:
+        fmt = getattr(model, "input_format", None)
+        mean = [float(v) for v in getattr(model, "pixel_mean", torch.zeros(0)).flatten()]
+        std = [float(v) for v in getattr(model, "pixel_std", torch.zeros(0)).flatten()]
     inp = None
-    if cfg.INPUT.FORMAT in ("RGB", "BGR"):
-        inp = InputConvention(
-            cfg.INPUT.FORMAT, "0-255", tuple(cfg.MODEL.PIXEL_MEAN), tuple(cfg.MODEL.PIXEL_STD)
-        )
+    if fmt in ("RGB", "BGR") and len(mean) == 3 and len(std) == 3:
+        inp = InputConvention(fmt, "0-255", tuple(mean), tuple(std))
     return WeightsMetadata(kind=kind, input=inp, arch=spec_of_model(model))
 
 
@@ -297,7 +306,8 @@ def check_weights_against_config(
     meta: WeightsMetadata, cfg, *, model: nn.Module, weights: str = ""
 ) -> List[str]:
     """Raise :class:`WeightsConfigError` when ``meta`` disagrees with ``model`` (its
-    architecture) or ``cfg`` (the input convention); the message lists each key and
+    architecture) or ``cfg`` (the input convention; ``None``: the model's own
+    ``input_format``/``pixel_mean``/``pixel_std``); the message lists each key and
     the ``KEY VALUE`` pairs that fix it. Returns warnings (non-fatal notes)."""
     want = metadata_from_model(model, cfg)
     problems: List[str] = []
@@ -333,11 +343,12 @@ def check_weights_against_config(
             )
 
     i, j = meta.input, want.input
-    if i is not None:
+    # Without a config, a model that does not say its input convention cannot be checked.
+    if i is not None and (cfg is not None or j is not None):
         if j is None:
             problems.append(
                 f"INPUT.FORMAT: the weights were trained on {i.format} input, the config "
-                f"feeds {cfg.INPUT.FORMAT!r}"
+                f"feeds {cfg.INPUT.FORMAT if cfg is not None else getattr(model, 'input_format', None)!r}"
             )
             fixes.append(("INPUT.FORMAT", i.format))
         else:

@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 __all__ = [
     "CheckpointReadError",
     "SourceWeights",
@@ -26,7 +28,7 @@ __all__ = [
 ]
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UserError):
     """A file that is missing, truncated, corrupt or not a checkpoint."""
 
 

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..errors import ConfigError
+
 __all__ = [
     "APPENDIX_B_DATASETS",
     "ZOO_DATASETS",
@@ -119,7 +121,7 @@ def coco_dataset_files(name: str) -> Tuple[str, str]:
 
     splits = _PREDEFINED_SPLITS_COCO["coco"]
     if name not in splits or name not in COCO_DATASETS:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown COCO dataset {name!r} (--datasets): choose among {', '.join(COCO_DATASETS)}, "
             "or the groups 'appendix-b', 'zoo', 'all'"
         )

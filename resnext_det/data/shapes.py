@@ -45,6 +45,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from detectron2.data.catalog import Metadata
 
+from ..errors import ConfigError
+
 __all__ = [
     "SHAPES_CLASSES",
     "SHAPES_COLORS",
@@ -121,7 +123,7 @@ def shapes_image_root(split: str, root: Optional[str] = None) -> str:
 
 def _check_split(split: str) -> None:
     if split not in _SPLITS:
-        raise ValueError(f"shapes split must be one of {_SPLITS}, got {split!r}")
+        raise ConfigError(f"shapes split must be one of {_SPLITS}, got {split!r}")
 
 
 # ------------------------------------------------------------------------- drawing
@@ -418,10 +420,10 @@ def generate_shapes(
     root = os.path.abspath(root or default_shapes_root())
     for key, val in (("num_train", num_train), ("num_val", num_val)):
         if not isinstance(val, (int, np.integer)) or val < 1:
-            raise ValueError(f"generate_shapes: {key} (CLI --{key.replace('_', '-')}) must be "
+            raise ConfigError(f"generate_shapes: {key} (CLI --{key.replace('_', '-')}) must be "
                              f"an integer >= 1, got {val!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"generate_shapes: seed (CLI --seed) must be an integer >= 0, got {seed!r}")
+        raise ConfigError(f"generate_shapes: seed (CLI --seed) must be an integer >= 0, got {seed!r}")
     parent, name = os.path.split(root)
     os.makedirs(parent, exist_ok=True)
     with _root_lock(root):

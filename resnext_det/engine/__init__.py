@@ -1,4 +1,5 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
-from .trainer import Trainer, setup_cfg
+from .setup import setup_cfg, setup_logging, share_cpu_cores
+from .trainer import Trainer
 
-__all__ = ["Trainer", "setup_cfg"]
+__all__ = ["Trainer", "setup_cfg", "setup_logging", "share_cpu_cores"]

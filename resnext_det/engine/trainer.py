@@ -8,15 +8,14 @@ from typing import List, Optional
 import torch
 
 import detectron2.engine.defaults as _d2_defaults
-from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.config import CfgNode
+from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from ..checkpoint import ResNeXtCheckpointer, attach_weights_record
-from ..config import add_resnext_config
 from ..fast import AutocastTrainer, amp_dtype, apply_fast_path, prepare_for_inference
 
-__all__ = ["Trainer", "setup_cfg"]
+__all__ = ["Trainer"]
 
 
 class Trainer(DefaultTrainer):
@@ -92,23 +91,3 @@ def _cpu_ddp(cfg: CfgNode):
         yield
     finally:
         _d2_defaults.create_ddp_model = original
-
-
-def setup_cfg(
-    config_file: str, opts: Optional[List[str]] = None, *, args=None, freeze: bool = True
-) -> CfgNode:
-    """Detectron2 config with ``MODEL.RESNEXT`` added, ``config_file`` and ``opts``
-    merged. With ``args`` (from :func:`detectron2.engine.default_argument_parser`),
-    also runs :func:`default_setup` (logging, output folder, seeds, env info).
-    """
-    cfg = get_cfg()
-    add_resnext_config(cfg)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts or []))
-    if freeze:
-        cfg.freeze()
-    if args is not None:
-        default_setup(cfg, args)
-    return cfg

@@ -23,6 +23,8 @@ from torch import nn
 from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
+from ..errors import ConfigError
+
 __all__ = [
     "PRECISIONS",
     "amp_dtype",
@@ -56,7 +58,7 @@ def amp_dtype(cfg, device: Optional[str] = None) -> Optional[torch.dtype]:
         return None
     precision = cfg.SOLVER.AMP.get("PRECISION", "auto")
     if precision not in PRECISIONS:
-        raise ValueError(
+        raise ConfigError(
             f"SOLVER.AMP.PRECISION = {precision!r} is not valid: choose one of {sorted(PRECISIONS)}."
         )
     device_type = torch.device(device or cfg.MODEL.DEVICE).type
@@ -71,7 +73,7 @@ def amp_dtype(cfg, device: Optional[str] = None) -> Optional[torch.dtype]:
         )
         return None
     if device_type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise ValueError(
+        raise ConfigError(
             "SOLVER.AMP.PRECISION = 'bfloat16' needs a GPU with bf16 (Ampere or newer); "
             "set SOLVER.AMP.PRECISION 'float16'."
         )

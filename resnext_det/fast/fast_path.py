@@ -27,6 +27,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from .amp import AutocastInference, amp_dtype
 from .bn_fold import fold_frozen_bn, fuse_frozen_bn
 from .roi_align import replace_roi_align
+from ..errors import ConfigError
 
 __all__ = ["apply_fast_path", "prepare_for_inference", "fast_path_summary"]
 
@@ -58,7 +59,7 @@ def apply_fast_path(model: nn.Module, cfg) -> nn.Module:
     if _fast(cfg, "COMPILE"):
         backbone = getattr(model, "backbone", None)
         if backbone is None:
-            raise ValueError(
+            raise ConfigError(
                 "MODEL.RESNEXT.COMPILE compiles model.backbone, but this model has none; "
                 "set MODEL.RESNEXT.COMPILE False."
             )
@@ -71,18 +72,26 @@ def apply_fast_path(model: nn.Module, cfg) -> nn.Module:
     return model
 
 
+#: Attribute set on the folded copy: preparing it a second time is a no-op.
+_PREPARED = "_resnext_det_prepared_for_inference"
+
+
 def prepare_for_inference(model: nn.Module, cfg) -> nn.Module:
     """The model to evaluate: ``MODEL.RESNEXT.FOLD_FROZEN_BN`` folds FrozenBN into a
     **copy** (the given model, e.g. the one being trained, is untouched), and
     ``SOLVER.AMP.ENABLED`` wraps it in :class:`AutocastInference` (with both, the
     copy's conv/linear weights are stored in the autocast dtype: ~10% faster CPU
-    inference, same numbers). Returns the model itself when neither switch is on.
+    inference, same numbers). Returns the model itself when neither switch is on,
+    or when it was prepared already.
     """
     if isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
+    if isinstance(model, AutocastInference) or getattr(model, _PREPARED, False):
+        return model  # prepared already (e.g. by resnext_det.inference.build_inference_model)
     copied = False
     if _fast(cfg, "FOLD_FROZEN_BN"):
         model, copied = fold_frozen_bn(model), True
+        setattr(model, _PREPARED, True)
     dtype = amp_dtype(cfg)
     if dtype is not None:
         if copied:

@@ -23,6 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import roi_align as _tv_roi_align
 
+from ..errors import ConfigError
+
 __all__ = ["FastROIAlign", "sparse_roi_align", "roi_align_matrix", "replace_roi_align"]
 
 
@@ -256,7 +258,7 @@ class FastROIAlign(nn.Module):
             rois: ``(K, 5)`` boxes, first column the index into N.
         """
         if rois.dim() != 2 or rois.size(1) != 5:
-            raise ValueError(f"FastROIAlign expects (K, 5) rois, got {tuple(rois.shape)}")
+            raise ConfigError(f"FastROIAlign expects (K, 5) rois, got {tuple(rois.shape)}")
         if input.is_quantized:
             input = input.dequantize()
         if input.device.type != "cpu":

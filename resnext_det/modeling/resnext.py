@@ -14,7 +14,7 @@ feature bookkeeping), so parameter names are Detectron2's (``stem.conv1``,
 ``res2.0.conv1.norm``, ``res2.0.shortcut``) and Detectron2 model-zoo ResNeXt
 checkpoints load unchanged.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -27,6 +27,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicStem
 
 from .spec import BLOCK_FORMS, FEATURE_NAMES, ResNeXtSpec
+from ..errors import ConfigError
 
 __all__ = [
     "BLOCK_FORMS",
@@ -98,7 +99,7 @@ class ResNeXtBlock(CNNBlockBase):
         """
         super().__init__(in_channels, out_channels, stride)
         if form not in BLOCK_FORMS:
-            raise ValueError(f"ResNeXtBlock form must be one of {BLOCK_FORMS}, got {form!r}")
+            raise ConfigError(f"ResNeXtBlock form must be one of {BLOCK_FORMS}, got {form!r}")
         self.cardinality = cardinality
         self.bottleneck_width = bottleneck_width
         self.form = form
@@ -270,7 +271,7 @@ class ResNeXt(ResNet):
         """:meth:`ResNet.forward` (written out: TorchScript has no ``super()``), with
         NHWC activations when ``channels_last``."""
         if x.dim() != 4:
-            raise ValueError(f"ResNeXt takes an input of shape (N, C, H, W), got {x.shape}.")
+            raise ConfigError(f"ResNeXt takes an input of shape (N, C, H, W), got {x.shape}.")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         outputs: Dict[str, torch.Tensor] = {}
@@ -287,13 +288,13 @@ class ResNeXt(ResNet):
 
 def _check_fpn_inputs(cfg, bottom_up: ResNeXt, in_features: Sequence[str]) -> None:
     if not in_features:
-        raise ValueError(
+        raise ConfigError(
             "MODEL.FPN.IN_FEATURES is empty: name the ResNeXt stages the FPN reads, e.g. "
             '["res2", "res3", "res4", "res5"] (or ["res3", "res4", "res5"] for RetinaNet).'
         )
     missing = [f for f in in_features if f not in bottom_up.output_shape()]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.FPN.IN_FEATURES = {list(in_features)} needs {missing} from the backbone, but "
             f"MODEL.RESNEXT.OUT_FEATURES = {list(cfg.MODEL.RESNEXT.OUT_FEATURES)}: "
             f"add {missing} to MODEL.RESNEXT.OUT_FEATURES."
@@ -335,7 +336,7 @@ def build_resnext_retinanet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     # fmt: on
     _check_fpn_inputs(cfg, bottom_up, in_features)
     if "res5" not in bottom_up.output_shape():
-        raise ValueError(
+        raise ConfigError(
             "RetinaNet's P6/P7 are computed from res5: add 'res5' to MODEL.RESNEXT.OUT_FEATURES."
         )
     in_channels_p6p7 = bottom_up.output_shape()["res5"].channels

@@ -1,5 +1,6 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
 """ROI heads whose res5 is a ResNeXt stage (for C4 models)."""
+import torch
 from torch import nn
 
 from detectron2.modeling import ROI_HEADS_REGISTRY
@@ -18,6 +19,11 @@ class ResNeXtRes5ROIHeads(Res5ROIHeads):
     built from ``MODEL.RESNEXT``: the same C, d, block form and norm as the trunk,
     so an ImageNet ResNeXt's res5 weights (``roi_heads.res5.*``) load into it.
     """
+
+    # A constant for TorchScript: scripting a C4 model without masks then compiles the
+    # mask branch of Res5ROIHeads.forward away instead of failing on the missing
+    # mask_head (Detectron2 annotates StandardROIHeads so in its torchscript_patch.py).
+    mask_on: torch.jit.Final[bool]
 
     @classmethod
     def _build_res5_block(cls, cfg):

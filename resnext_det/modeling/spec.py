@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 from ..config import RESNEXT_ARCH_DEFAULTS
 from ..presets import PRESETS, STAGE_BLOCKS, preset_name, standard_depth
+from ..errors import ConfigError
 
 __all__ = ["BLOCK_FORMS", "FEATURE_NAMES", "NORMS", "ResNeXtSpec", "ResNeXtSpecError"]
 
@@ -23,7 +24,7 @@ NORMS = ("FrozenBN", "BN", "SyncBN", "GN", "nnSyncBN", "naiveSyncBN", "LN", "")
 _GN_GROUPS = 32
 
 
-class ResNeXtSpecError(ValueError):
+class ResNeXtSpecError(ConfigError):
     """An invalid architecture; the message names the ``MODEL.RESNEXT`` key."""
 
 

@@ -11,6 +11,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, ProposalNet
 from detectron2.structures import ImageList, Instances
 
 from .stages import stage_configs
+from ..errors import ConfigError
 
 __all__ = ["UnsharedRCNN"]
 
@@ -46,7 +47,7 @@ class UnsharedRCNN(nn.Module):
         """
         super().__init__()
         if getattr(fast_rcnn, "proposal_generator", None) is not None:
-            raise ValueError(
+            raise ConfigError(
                 "UnsharedRCNN's fast_rcnn must take its proposals from the RPN: build it "
                 "with MODEL.PROPOSAL_GENERATOR.NAME 'PrecomputedProposals'."
             )
@@ -103,7 +104,7 @@ class UnsharedRCNN(nn.Module):
             return self.fast_rcnn.inference(inputs)
 
         if "instances" not in batched_inputs[0]:
-            raise ValueError("Training UnsharedRCNN needs 'instances' (ground truth) in the inputs.")
+            raise ConfigError("Training UnsharedRCNN needs 'instances' (ground truth) in the inputs.")
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         # The RPN computes its proposals without gradient: fixed Fast R-CNN inputs.
         proposals, rpn_losses = self._rpn_forward(batched_inputs, gt_instances)

@@ -34,6 +34,7 @@ from detectron2.evaluation.evaluator import inference_context
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from ..utils.io import atomic_write_bytes, atomic_write_json
+from ..errors import MissingFileError, UserError
 
 __all__ = [
     "ProposalFileMismatch",
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 _D1_KEYS = {"indexes": "ids", "scores": "objectness_logits"}
 
 
-class ProposalFileMismatch(ValueError):
+class ProposalFileMismatch(UserError):
     """A proposal file does not hold exactly one entry per image of its dataset."""
 
 
@@ -61,7 +62,7 @@ def load_proposal_file(proposal_file: str) -> Dict[str, Any]:
     """Read a proposal file (Detectron2 or Detectron v1 key names) as a dict with
     ``ids``, ``boxes``, ``objectness_logits`` and ``bbox_mode``."""
     if not os.path.isfile(proposal_file):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Proposal file {proposal_file!r} does not exist. The schedule writes it in "
             "stage 2: run tools/train_net.py with the same config (or `--stage proposals`)."
         )
@@ -273,7 +274,7 @@ def dump_proposals(
         shard_files = [f"{output_file}.shard{r}of{world}" for r in range(world)]
         for f in shard_files:
             if not os.path.isfile(f):
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{f} is missing: every process writes its share of the proposals into "
                     "OUTPUT_DIR, which must be on a file system shared by all machines."
                 )

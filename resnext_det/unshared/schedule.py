@@ -32,22 +32,23 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import inference_on_dataset, print_csv_format
-from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import METADATA_KEY
 from ..engine.trainer import Trainer
+from ..inference import build_inference_model, load_model
 from ..modeling.spec import ResNeXtSpec
-from ..utils.io import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write, atomic_write_json, atomic_write_text
 from .stages import PER_STAGE_SOLVER, STAGE_DIRS, STAGES, proposal_file, stage_configs, stage_dir
 from .proposals import (
     check_proposal_file,
     dump_proposals,
     proposal_file_meta,
 )
+
+from ..errors import ConfigError
 
 __all__ = [
     "STAGES",
@@ -90,23 +91,23 @@ _VOLATILE = (
 )
 def _check_schedule_config(cfg: CfgNode, cli_opts: Sequence[str]) -> None:
     if cfg.MODEL.META_ARCHITECTURE != "UnsharedRCNN":
-        raise ValueError(
+        raise ConfigError(
             "UNSHARED.ENABLED trains the Appendix B schedule, whose final checkpoint is an "
             "UnsharedRCNN: set MODEL.META_ARCHITECTURE to 'UnsharedRCNN' (it was "
             f"{cfg.MODEL.META_ARCHITECTURE!r}), e.g. start from "
             "configs/COCO-Detection/Base-AppendixB-C4.yaml."
         )
     if cfg.MODEL.LOAD_PROPOSALS or cfg.DATASETS.PROPOSAL_FILES_TRAIN or cfg.DATASETS.PROPOSAL_FILES_TEST:
-        raise ValueError(
+        raise ConfigError(
             "The schedule computes its own proposals (stage 2): leave MODEL.LOAD_PROPOSALS "
             "False and DATASETS.PROPOSAL_FILES_TRAIN/TEST empty."
         )
     if not cfg.DATASETS.TRAIN or not cfg.DATASETS.TEST:
-        raise ValueError("The schedule needs DATASETS.TRAIN and DATASETS.TEST (evaluated in stage 4).")
+        raise ConfigError("The schedule needs DATASETS.TRAIN and DATASETS.TEST (evaluated in stage 4).")
     set_keys = {str(k) for k in list(cli_opts)[::2]}
     wrong = [f"SOLVER.{k}" for k in PER_STAGE_SOLVER if f"SOLVER.{k}" in set_keys]
     if wrong:
-        raise ValueError(
+        raise ConfigError(
             f"{', '.join(wrong)} would be ignored: each stage of the schedule has its own "
             "solver settings. Set UNSHARED.RPN.<KEY> and/or UNSHARED.FAST_RCNN.<KEY> instead."
         )
@@ -244,8 +245,7 @@ def _stage_rpn(cfg, cfgs, force: bool) -> Dict[str, Any]:
 def _stage_proposals(cfg, cfgs, force: bool) -> Dict[str, Any]:
     rpn_cfg = cfgs["rpn"]
     weights = os.path.join(rpn_cfg.OUTPUT_DIR, "model_final.pth")
-    model = Trainer.build_model(rpn_cfg)
-    DetectionCheckpointer(model).load(weights)
+    model = load_model(rpn_cfg, weights)  # strict: the RPN stage's own complete checkpoint
     u = cfg.UNSHARED.PROPOSALS
     jobs = [("train", n, u.TRAIN_PRE_NMS_TOPK, u.TRAIN_POST_NMS_TOPK) for n in cfg.DATASETS.TRAIN]
     jobs += [
@@ -371,15 +371,14 @@ def _stage_eval(cfg, cfgs, force: bool) -> Dict[str, Any]:
     frcn.freeze()
     for name, path in zip(frcn.DATASETS.TEST, frcn.DATASETS.PROPOSAL_FILES_TEST):
         _main_first(lambda name=name, path=path: check_proposal_file(path, name))
-    model = Trainer.build_model(frcn)
-    DetectionCheckpointer(model).load(os.path.join(cfgs["fast_rcnn"].OUTPUT_DIR, "model_final.pth"))
+    # The same model --eval-only evaluates: strict loading, FOLD_FROZEN_BN and AMP as configured.
+    model = build_inference_model(frcn, os.path.join(cfgs["fast_rcnn"].OUTPUT_DIR, "model_final.pth"))
     results: Dict[str, Any] = {
         "stored_proposals": _evaluate(frcn, model, os.path.join(folder, "stored_proposals"))
     }
     del model
     if cfg.UNSHARED.EVAL_END_TO_END:
-        model = Trainer.build_model(cfg)  # UnsharedRCNN
-        DetectionCheckpointer(model).load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+        model = build_inference_model(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))  # UnsharedRCNN
         results["end_to_end"] = _evaluate(cfg, model, os.path.join(folder, "end_to_end"))
     results["paper_table8"] = _paper_row(cfg)
     if comm.is_main_process():
@@ -427,18 +426,6 @@ def _plan(cfg: CfgNode, cfgs: Dict[str, CfgNode], world: int) -> str:
     return "\n".join(rows)
 
 
-def _share_cpu_cores(cfg: CfgNode) -> None:
-    """Several CPU processes on one machine: one share of the cores each (PyTorch would
-    give every process all of them, and oversubscribed threads crawl). OMP_NUM_THREADS,
-    when set, wins."""
-    local = comm.get_local_size()
-    if torch.device(cfg.MODEL.DEVICE).type != "cpu" or local <= 1 or "OMP_NUM_THREADS" in os.environ:
-        return
-    threads = max(1, (os.cpu_count() or 1) // local)
-    torch.set_num_threads(threads)
-    logger.info(f"{local} CPU processes on this machine: {threads} thread(s) each")
-
-
 def run_schedule(
     cfg: CfgNode, *, stage: Optional[str] = None, cli_opts: Iterable[str] = ()
 ) -> Dict[str, Any]:
@@ -464,11 +451,8 @@ def run_schedule(
         the main process only.
     """
     if stage is not None and stage not in STAGES:
-        raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}.")
-    # Detectron2's default_setup configures its own loggers only.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="resnext_det")
+        raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}.")
     _check_schedule_config(cfg, list(cli_opts))
-    _share_cpu_cores(cfg)
     if not cfg.MODEL.WEIGHTS:
         logger.warning(
             "MODEL.WEIGHTS is empty: both backbones train from scratch. The paper fine-tunes "

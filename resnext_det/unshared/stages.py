@@ -8,6 +8,8 @@ from typing import Dict
 
 from detectron2.config import CfgNode
 
+from ..errors import ConfigError
+
 __all__ = ["STAGES", "STAGE_DIRS", "PER_STAGE_SOLVER", "stage_dir", "proposal_file", "stage_configs"]
 
 STAGES = ("rpn", "proposals", "fast_rcnn", "eval")
@@ -35,20 +37,20 @@ def _check_solver_node(cfg: CfgNode, node: str) -> None:
     s = cfg.UNSHARED[node]
     key = f"UNSHARED.{node}"
     if s.MAX_ITER <= 0:
-        raise ValueError(f"{key}.MAX_ITER must be > 0, got {s.MAX_ITER}.")
+        raise ConfigError(f"{key}.MAX_ITER must be > 0, got {s.MAX_ITER}.")
     steps = list(s.STEPS)
     if steps != sorted(steps) or any(not 0 < x < s.MAX_ITER for x in steps):
-        raise ValueError(
+        raise ConfigError(
             f"{key}.STEPS must increase and lie in (0, {key}.MAX_ITER={s.MAX_ITER}), got {steps}."
         )
     if s.BASE_LR <= 0 or s.IMS_PER_BATCH <= 0 or s.BATCH_SIZE_PER_IMAGE <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"{key}.BASE_LR, IMS_PER_BATCH and BATCH_SIZE_PER_IMAGE must be > 0, got "
             f"{s.BASE_LR}, {s.IMS_PER_BATCH}, {s.BATCH_SIZE_PER_IMAGE}."
         )
     ref = cfg.SOLVER.REFERENCE_WORLD_SIZE
     if ref > 0 and s.IMS_PER_BATCH % ref:
-        raise ValueError(
+        raise ConfigError(
             f"{key}.IMS_PER_BATCH={s.IMS_PER_BATCH} is not a multiple of "
             f"SOLVER.REFERENCE_WORLD_SIZE={ref} (the number of GPUs it is given for); "
             "change one of them."
@@ -73,7 +75,7 @@ def stage_configs(cfg: CfgNode) -> Dict[str, CfgNode]:
         are the stage folders.
     """
     if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals":
-        raise ValueError(
+        raise ConfigError(
             "The schedule trains its own RPN: set MODEL.PROPOSAL_GENERATOR.NAME to 'RPN' "
             "(the stored proposals of stage 2 are used automatically)."
         )

@@ -1,0 +1,108 @@
+# Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
+"""What ``tools/train_net.py`` runs, and how every tool ends on a user error.
+
+:func:`run_tool` turns a :class:`~resnext_det.errors.UserError` (a config value,
+a weights file, a path: the message names the fix) into one line on standard
+error and exit status 2; any other exception is a bug or a machine failure and
+keeps its traceback. ``RESNEXT_DET_TRACEBACK=1`` shows the traceback of user
+errors too.
+"""
+import argparse
+import os
+import sys
+import traceback
+from typing import Callable, Optional, Sequence
+
+import torch
+
+import detectron2.utils.comm as comm
+from detectron2.engine import default_argument_parser, launch
+from detectron2.evaluation import verify_results
+
+from ..errors import ConfigError, UserError
+from ..inference import build_inference_model
+from ..unshared import STAGES, run_schedule
+from .setup import setup_cfg
+from .trainer import Trainer
+
+__all__ = ["argument_parser", "main", "cli", "run_tool"]
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """Detectron2's ``default_argument_parser`` plus ``--stage`` (Appendix B)."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--stage", choices=STAGES, help="run one stage of the Appendix B schedule (UNSHARED.*)"
+    )
+    return parser
+
+
+def main(args: argparse.Namespace):
+    """Train (plain Detectron2 training, or the Appendix B schedule when
+    ``UNSHARED.ENABLED``) or, with ``--eval-only``, evaluate ``MODEL.WEIGHTS``."""
+    cfg = setup_cfg(args.config_file, args.opts, args=args)
+
+    if args.eval_only:
+        # Strict: refuses weights that leave any tensor random or disagree with the config.
+        model = build_inference_model(cfg, resume=args.resume, save_dir=cfg.OUTPUT_DIR)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    if cfg.UNSHARED.ENABLED:  # Appendix B: RPN, proposals, Fast R-CNN, evaluation
+        return run_schedule(cfg, stage=getattr(args, "stage", None), cli_opts=args.opts)
+    if getattr(args, "stage", None):
+        raise ConfigError("--stage is for the Appendix B schedule: set UNSHARED.ENABLED True")
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def _check_processes(args: argparse.Namespace) -> None:
+    """``--num-gpus N`` on a machine without N GPUs: one line that names the fix,
+    before N processes start and each fails in CUDA."""
+    n = args.num_gpus * args.num_machines
+    if args.num_gpus <= 1 or torch.cuda.device_count() >= args.num_gpus:
+        return
+    cfg = setup_cfg(args.config_file, args.opts, freeze=False)  # errors in the config first
+    if cfg.MODEL.DEVICE.startswith("cuda") and not _device_in_opts(args.opts, "cpu"):
+        have = torch.cuda.device_count()
+        raise ConfigError(
+            f"--num-gpus {args.num_gpus} but this machine has {have} CUDA device(s): use "
+            f"--num-gpus {max(have, 1)}" + ("" if have else " (append MODEL.DEVICE cpu)")
+            + f", or append MODEL.DEVICE cpu to train with {n} CPU processes"
+        )
+
+
+def _device_in_opts(opts: Sequence[str], device: str) -> bool:
+    pairs = dict(zip(list(opts)[::2], list(opts)[1::2]))
+    return str(pairs.get("MODEL.DEVICE", "")).startswith(device)
+
+
+def cli(argv: Optional[Sequence[str]] = None):
+    """Parse ``argv`` as ``tools/train_net.py`` does and :func:`launch` :func:`main`."""
+    args = argument_parser().parse_args(argv)  # default_setup logs them once the logger exists
+    _check_processes(args)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+def run_tool(fn: Callable[[], object], prog: str) -> int:
+    """Run ``fn``; a :class:`UserError` ends it with ``"{prog}: error: {message}"`` on
+    standard error and returns 2, other exceptions propagate (with their traceback).
+    Returns 0 on success (or ``fn``'s return value when it is an int)."""
+    try:
+        out = fn()
+    except UserError as e:
+        if os.environ.get("RESNEXT_DET_TRACEBACK"):
+            traceback.print_exc()
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return out if isinstance(out, int) and not isinstance(out, bool) else 0

@@ -1,0 +1,168 @@
+# Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
+"""What every entry point does before it builds a model: read the config (with
+errors that name the file or key), set up logging the same way everywhere, share
+the CPU cores between local processes, and say what the config asks for that
+cannot happen here (CUDA without a GPU, ``MODEL.RESNETS`` keys beside a ResNeXt)."""
+import logging
+import os
+from typing import List, Optional, Sequence
+
+import torch
+import yaml
+
+import detectron2.utils.comm as comm
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_setup
+from detectron2.utils.logger import setup_logger
+
+from ..config import add_resnext_config
+from ..errors import ConfigError, MissingFileError
+
+__all__ = ["check_lazy_device", "setup_cfg", "setup_logging", "share_cpu_cores", "warn_ignored_keys", "PACKAGE_LOGGER"]
+
+PACKAGE_LOGGER = "resnext_det"
+logger = logging.getLogger(__name__)
+
+
+def _merge_file(cfg: CfgNode, config_file: str) -> None:
+    if not os.path.isfile(config_file):
+        raise MissingFileError(
+            f"--config-file {config_file!r} does not exist (shipped configs: "
+            "resnext_det.get_config_file('COCO-Detection/...') or the configs/ folder)"
+        )
+    try:
+        with open(config_file) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config-file {config_file!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict) or not data:
+        kind = "empty" if not data else f"a {type(data).__name__}, not a mapping of keys"
+        raise ConfigError(
+            f"--config-file {config_file!r} is {kind}: a Detectron2 config is a YAML mapping "
+            "such as `MODEL: {...}` (see configs/Base-ResNeXt-FPN.yaml)"
+        )
+    try:
+        cfg.merge_from_file(config_file)
+    except KeyError as e:
+        raise ConfigError(
+            f"--config-file {config_file!r}: {e.args[0] if e.args else e}. Check the spelling "
+            "against Detectron2's defaults and MODEL.RESNEXT / UNSHARED (resnext_det/config.py)"
+        ) from e
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"--config-file {config_file!r}: {e}") from e
+
+
+def _merge_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
+    opts = list(opts)
+    if opts[:1] == ["--"]:
+        opts = opts[1:]
+    if len(opts) % 2:
+        raise ConfigError(
+            f"config overrides come in KEY VALUE pairs; {len(opts)} words were given, the last "
+            f"is {opts[-1]!r}: add its value or remove it"
+        )
+    try:
+        cfg.merge_from_list(opts)
+    except KeyError as e:
+        raise ConfigError(
+            f"override {e.args[0] if e.args else e}: no such config key. Check the spelling "
+            "(Detectron2's defaults, MODEL.RESNEXT.*, UNSHARED.*)"
+        ) from e
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"config override: {e}") from e
+
+
+def _check_device(cfg: CfgNode) -> None:
+    dev = cfg.MODEL.DEVICE
+    try:
+        kind = torch.device(dev).type
+    except RuntimeError as e:
+        raise ConfigError(f"MODEL.DEVICE {dev!r} is not a device: use 'cpu' or 'cuda'") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        if comm.get_world_size() > 1:
+            raise ConfigError(
+                f"MODEL.DEVICE is {dev!r} but this machine has no CUDA device: append "
+                "MODEL.DEVICE cpu (several CPU processes train with gloo), or run on a GPU machine"
+            )
+        logger.warning("MODEL.DEVICE is %r but there is no CUDA device: running on the CPU.", dev)
+        cfg.MODEL.DEVICE = "cpu"
+
+
+def check_lazy_device(cfg) -> None:
+    """A LazyConfig (``tools/lazyconfig_train_net.py``) that asks for hardware that is not
+    here: fail early, naming the override."""
+    device = str(cfg.train.get("device", "cuda"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.device = {device!r} but CUDA is not available: add the override "
+            "train.device=cpu (and train.amp.enabled=False)."
+        )
+    if cfg.train.get("amp", {}).get("enabled", False) and not device.startswith("cuda"):
+        raise ConfigError(
+            f"train.amp.enabled = True needs a CUDA device, but train.device = {device!r}: "
+            "add the override train.amp.enabled=False."
+        )
+
+
+def warn_ignored_keys(cfg: CfgNode) -> List[str]:
+    """Warn once about Detectron2 ResNet keys that a ResNeXt backbone ignores when the
+    config sets them to non-defaults (``MODEL.RESNETS.*``, ``MODEL.BACKBONE.FREEZE_AT``);
+    returns the keys."""
+    if "resnext" not in cfg.MODEL.BACKBONE.NAME:
+        return []
+    d = get_cfg()
+    keys = [f"MODEL.RESNETS.{k}" for k in cfg.MODEL.RESNETS if cfg.MODEL.RESNETS[k] != d.MODEL.RESNETS[k]]
+    if cfg.MODEL.BACKBONE.FREEZE_AT != d.MODEL.BACKBONE.FREEZE_AT:
+        keys.append("MODEL.BACKBONE.FREEZE_AT")
+    if keys:
+        logger.warning(
+            "%s set, but MODEL.BACKBONE.NAME %r reads MODEL.RESNEXT.* only: they are ignored "
+            "(set the MODEL.RESNEXT key of the same meaning, e.g. MODEL.RESNEXT.FREEZE_AT, "
+            "MODEL.RESNEXT.DEPTH, MODEL.RESNEXT.CARDINALITY).",
+            ", ".join(keys),
+            cfg.MODEL.BACKBONE.NAME,
+        )
+    return keys
+
+
+def setup_logging(output_dir: Optional[str] = None) -> None:
+    """The package's logger (INFO) on the console of the main process and, with
+    ``output_dir``, in its ``log.txt`` (as Detectron2's own loggers). Idempotent."""
+    setup_logger(output_dir, distributed_rank=comm.get_rank(), name=PACKAGE_LOGGER, abbrev_name="rxd")
+
+
+def share_cpu_cores(cfg: CfgNode) -> None:
+    """Several CPU processes on one machine: one share of the cores each (PyTorch would
+    give every process all of them, and oversubscribed threads crawl). OMP_NUM_THREADS,
+    when set, wins."""
+    local = comm.get_local_size()
+    if torch.device(cfg.MODEL.DEVICE).type != "cpu" or local <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+    logger.info(f"{local} CPU processes on this machine: {threads} thread(s) each")
+
+
+def setup_cfg(
+    config_file: str, opts: Optional[Sequence[str]] = None, *, args=None, freeze: bool = True
+) -> CfgNode:
+    """Detectron2 config with the resnext_det keys added, ``config_file`` and ``opts``
+    merged (errors name the file or key), ``MODEL.DEVICE`` falling back to the CPU
+    where there is no GPU. With ``args`` (from
+    :func:`detectron2.engine.default_argument_parser`), also runs Detectron2's
+    :func:`default_setup` (output folder, seeds, env info, its loggers) and sets up
+    the package's logger and the CPU-core share of this process.
+    """
+    cfg = get_cfg()
+    add_resnext_config(cfg)
+    _merge_file(cfg, config_file)
+    _merge_opts(cfg, opts or [])
+    _check_device(cfg)
+    if args is not None:
+        default_setup(cfg, args)
+        setup_logging(cfg.OUTPUT_DIR)
+        share_cpu_cores(cfg)
+    warn_ignored_keys(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
