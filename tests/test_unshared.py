@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.data.build import load_proposals_into_dataset
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import inference_on_dataset
@@ -402,6 +402,139 @@ def test_mismatched_proposal_files_are_refused(tmp_path):
         check_proposal_file(str(bad_shape), name)
     with pytest.raises(FileNotFoundError, match="stage 2"):
         check_proposal_file(str(tmp_path / "nope.pkl"), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2's files: the paper's top-k per split, and reuse after an interruption
+# ---------------------------------------------------------------------------------------------
+# py-faster-rcnn (lib/fast_rcnn/config.py), which Appendix B follows: TRAIN.RPN_PRE_NMS_TOP_N 12000,
+# TRAIN.RPN_POST_NMS_TOP_N 2000; TEST.RPN_PRE_NMS_TOP_N 6000, TEST.RPN_POST_NMS_TOP_N 300. Typed in
+# by hand: the two splits differ, which the tiny configs (one top-k for both) cannot show.
+PAPER_TOPK = {"train": (12000, 2000), "test": (6000, 300)}
+
+
+def _stage1_done(cfg, model=None):
+    """Make stage 1 look finished in ``cfg.OUTPUT_DIR``: its marker and an RPN checkpoint
+    (``model``'s weights, or an empty file where stage 2's model loading is replaced)."""
+    folder = os.path.join(cfg.OUTPUT_DIR, STAGE_DIRS["rpn"])
+    os.makedirs(folder, exist_ok=True)
+    if model is None:
+        open(os.path.join(folder, "model_final.pth"), "wb").close()
+    else:
+        DetectionCheckpointer(model, folder).save("model_final")
+    with open(os.path.join(folder, "stage_done.json"), "w") as f:
+        json.dump({"stage": "rpn", "finished": "2017-07-21T00:00:00", "results": {}}, f)
+
+
+def test_stage2_writes_the_files_stages_3_and_4_read_with_the_papers_topk(tmp_path, monkeypatch):
+    """With the shipped Appendix B config (no COCO here: the RPN and the writer are stand-ins
+    that record what they are asked), stage 2 writes each training set's proposals with the
+    training top-k and the test set's with the test top-k, under the names that stage 3
+    (training files) and stage 4 (test files) read; both read all the boxes written."""
+    from resnext_det.unshared import schedule
+
+    cfg = setup_cfg(os.path.join(DET, "faster_rcnn_X_101_32x4d_C4_appendixB.yaml"),
+                    ["OUTPUT_DIR", str(tmp_path)])  # fmt: skip
+    asked = {}
+
+    def record(model, cfg_, name, path, *, pre_nms_topk, post_nms_topk, **kw):
+        asked[name] = (pre_nms_topk, post_nms_topk, path)
+        return {"file": path}
+
+    monkeypatch.setattr(schedule, "load_model", lambda *a, **k: torch.nn.Identity())
+    monkeypatch.setattr(schedule, "dump_proposals", record)
+    _stage1_done(cfg)
+    run_schedule(cfg, stage="proposals")
+
+    folder = os.path.join(str(tmp_path), STAGE_DIRS["proposals"])
+    train, test = PAPER_TOPK["train"], PAPER_TOPK["test"]
+    assert asked == {
+        "coco_2014_train": (*train, os.path.join(folder, "coco_2014_train_top2000.pkl")),
+        "coco_2014_valminusminival": (*train, os.path.join(folder, "coco_2014_valminusminival_top2000.pkl")),
+        "coco_2014_minival": (*test, os.path.join(folder, "coco_2014_minival_top300.pkl")),
+    }
+    frcn = stage_configs(cfg)["fast_rcnn"]
+    assert frcn.DATASETS.PROPOSAL_FILES_TRAIN == (asked["coco_2014_train"][2],
+                                                  asked["coco_2014_valminusminival"][2])  # fmt: skip
+    assert frcn.DATASETS.PROPOSAL_FILES_TEST == (asked["coco_2014_minival"][2],)
+    assert frcn.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN == train[1]
+    assert frcn.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST == test[1]
+    # The end-to-end UnsharedRCNN's RPN proposes with the test top-k, as the test files hold.
+    assert (cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == test
+
+
+@torch.no_grad()
+def _detectron2_proposals(rpn_cfg, weights, dataset, pre, post):
+    """Proposals of Detectron2's own ProposalNetwork built with ``pre``/``post`` as its test
+    top-k (no resnext_det code in the loop but the backbone), by image id."""
+    c = rpn_cfg.clone()
+    c.defrost()
+    c.MODEL.RPN.PRE_NMS_TOPK_TEST, c.MODEL.RPN.POST_NMS_TOPK_TEST = pre, post
+    model = build_model(c).eval()
+    DetectionCheckpointer(model).load(weights)
+    out = {}
+    for inputs in build_detection_test_loader(c, dataset):
+        for inp, res in zip(inputs, model(inputs)):
+            out[inp["image_id"]] = res["proposals"].proposal_boxes.tensor.numpy()
+    return out
+
+
+def _file_id(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_stage2_writes_each_splits_topk_and_reuses_its_files_after_an_interruption(tmp_path, monkeypatch):
+    """Distinct train/test top-k (1000/200 and 300/50), an untrained RPN (proposals need not be
+    good, only right): each file holds what Detectron2's ProposalNetwork gives with that split's
+    top-k, under the name stages 3 and 4 read. Killed after the files and before its marker,
+    stage 2 reruns without recomputing them (same inode and mtime); a changed pre-NMS top-k
+    recomputes that file only."""
+    from resnext_det.unshared import schedule
+
+    out = tmp_path / "out"
+    topk = ["UNSHARED.PROPOSALS.TRAIN_PRE_NMS_TOPK", "1000", "UNSHARED.PROPOSALS.TRAIN_POST_NMS_TOPK", "200"]
+    cfg = tiny_cfg(out, *topk)
+    assert (cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == (300, 50)
+    cfgs = stage_configs(cfg)
+    torch.manual_seed(0)
+    _stage1_done(cfg, build_model(cfgs["rpn"]))
+    weights = os.path.join(out, STAGE_DIRS["rpn"], "model_final.pth")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop("stage 3 is not run here")
+
+    monkeypatch.setitem(schedule._RUNNERS, "fast_rcnn", stop)
+    with pytest.raises(Stop):
+        run_schedule(cfg)
+    frcn = cfgs["fast_rcnn"]
+    (train_file,), (test_file,) = frcn.DATASETS.PROPOSAL_FILES_TRAIN, frcn.DATASETS.PROPOSAL_FILES_TEST
+    for path, ds, (pre, post) in ((train_file, TRAIN_DS, (1000, 200)), (test_file, TEST_DS, (300, 50))):
+        data = check_proposal_file(path, ds)  # what stages 3 and 4 check before they read
+        ref = _detectron2_proposals(cfgs["rpn"], weights, ds, pre, post)
+        assert max(len(b) for b in data["boxes"]) == post, path
+        for i, boxes in zip(data["ids"], data["boxes"]):
+            assert boxes.shape == ref[i].shape, (path, i)
+            # the file is in original-image pixels; the images are 256 px, as the test scale
+            np.testing.assert_allclose(boxes, ref[i], rtol=0, atol=1e-3)
+
+    # Killed after both files, before stage 2's marker: the rerun keeps them as they are.
+    os.remove(os.path.join(out, STAGE_DIRS["proposals"], "stage_done.json"))
+    before = {p: _file_id(p) for p in (train_file, test_file)}
+    time.sleep(0.01)
+    with pytest.raises(Stop):
+        run_schedule(cfg)
+    assert {p: _file_id(p) for p in (train_file, test_file)} == before
+    assert _marker(out, "proposals") is not None
+
+    # Another training pre-NMS top-k: the training file is made again, the test file kept.
+    os.remove(os.path.join(out, STAGE_DIRS["proposals"], "stage_done.json"))
+    with pytest.raises(Stop):
+        run_schedule(tiny_cfg(out, *topk, "UNSHARED.PROPOSALS.TRAIN_PRE_NMS_TOPK", "900"))
+    assert _file_id(train_file) != before[train_file] and _file_id(test_file) == before[test_file]
 
 
 # ---------------------------------------------------------------------------------------------
