@@ -45,6 +45,15 @@ FPN_OUT = ("res2", "res3", "res4", "res5")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+# Tolerances of the fp32 checks, near what the correct code measures (max over each test's
+# comparisons on this project's CPU): ROIAlign 1.9e-7..6.6e-7, FrozenBN folded or fused
+# 4.0e-7..6.1e-7 (outputs and gradients), channels_last 2.6e-7, the whole tiny detector
+# 1.07e-6. A FrozenBN that forgets its eps (5e-6 relative per layer) measures 1.1e-5 on the
+# trunk and 2.5e-5 on the detector: an order of magnitude above these, not just above.
+FP32 = 2e-6
+FP32_DETECTOR = 5e-6
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max abs difference relative to the reference's max abs value."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
@@ -79,11 +88,11 @@ def test_sparse_roi_align_equals_torchvision(aligned, sampling_ratio):
         ref = tv_roi_align(x_ref, rois, out, scale, sampling_ratio, aligned)
         new = sparse_roi_align(x_new, rois, out, scale, sampling_ratio, aligned)
         assert new.shape == ref.shape
-        assert _rel(new, ref) < 1e-5, (trial, _rel(new, ref))
+        assert _rel(new, ref) < FP32, (trial, _rel(new, ref))
         grad = torch.randn(ref.shape, generator=g)
         ref.backward(grad)
         new.backward(grad)
-        assert _rel(x_new.grad, x_ref.grad) < 1e-5, (trial, _rel(x_new.grad, x_ref.grad))
+        assert _rel(x_new.grad, x_ref.grad) < FP32, (trial, _rel(x_new.grad, x_ref.grad))
         # The degenerate boxes pool to exactly zero, as in the kernel.
         assert torch.equal(new[0], torch.zeros_like(new[0])) == torch.equal(ref[0], torch.zeros_like(ref[0]))
 
@@ -94,7 +103,7 @@ def test_sparse_roi_align_channels_last_and_bf16():
     rois = _random_rois(g, 2, 30, 30, 0.5)
     ref = tv_roi_align(x, rois, (7, 7), 0.5, 0, True)
     cl = sparse_roi_align(x.contiguous(memory_format=torch.channels_last), rois, (7, 7), 0.5, 0, True)
-    assert _rel(cl, ref) < 1e-5
+    assert _rel(cl, ref) < FP32
     bf = sparse_roi_align(x.bfloat16(), rois, (7, 7), 0.5, 0, True)
     assert bf.dtype == torch.bfloat16
     # bf16 tolerance: inputs and weights rounded to 8 bits of mantissa (2^-8 = 0.4%).
@@ -121,12 +130,12 @@ def test_fast_roi_align_replaces_detectron2_poolers():
     f_new = [f.clone().requires_grad_() for f in feats]
     ref = pooler(f_ref, boxes)
     new = fast(f_new, boxes)
-    assert _rel(new, ref) < 1e-5
+    assert _rel(new, ref) < FP32
     grad = torch.randn(ref.shape, generator=g)
     ref.backward(grad)
     new.backward(grad)
     for a, b in zip(f_new, f_ref):
-        assert _rel(a.grad, b.grad) < 1e-5
+        assert _rel(a.grad, b.grad) < FP32
 
 
 # ----------------------------------------------------------------------------- FrozenBN
@@ -174,7 +183,7 @@ def test_fold_frozen_bn_is_exact_in_fp32(form):
         folded = fold_frozen_bn(m)
         out = folded(x)
     for k in ref:
-        assert _rel(out[k], ref[k]) < 1e-5, (k, _rel(out[k], ref[k]))
+        assert _rel(out[k], ref[k]) < FP32, (k, _rel(out[k], ref[k]))
     norms_left = sum(isinstance(q, FrozenBatchNorm2d) for q in folded.modules())
     if form == "c":
         assert norms_left == 0  # every conv -> FrozenBN pair folded
@@ -192,12 +201,37 @@ def test_fuse_frozen_bn_trains_the_same():
     x = torch.randn(2, 3, 64, 64)
     out_ref, out_new = ref(x), new(x)
     for k in out_ref:
-        assert _rel(out_new[k], out_ref[k]) < 1e-5
+        assert _rel(out_new[k], out_ref[k]) < FP32
     sum(v.square().mean() for v in out_ref.values()).backward()
     sum(v.square().mean() for v in out_new.values()).backward()
     for (name, p), q in zip(ref.named_parameters(), new.parameters()):
-        assert q.grad is not None and _rel(q.grad, p.grad) < 1e-4, name
+        assert q.grad is not None and _rel(q.grad, p.grad) < FP32, name
     assert any(isinstance(m, FrozenBNFusedConv2d) for m in new.modules())
+
+
+def test_fold_and_fuse_frozen_bn_exact_in_float64():
+    """In float64 the algebra is exact to ~1e-15: folding and fusing keep the trunk's outputs
+    and gradients to 1e-12, where an eps missing from (var + eps) is 1e-5 off."""
+
+    def rel(a, b):  # in float64 (``_rel`` compares in fp32)
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    ref = _tiny_trunk(form="c").double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want = ref(x)
+        got = fold_frozen_bn(ref)(x)
+    for k in want:
+        assert rel(got[k], want[k]) < 1e-12, (k, rel(got[k], want[k]))
+    fused = copy.deepcopy(ref)
+    assert fuse_frozen_bn(fused) == 17
+    out_ref, out_new = ref(x), fused(x)
+    for k in out_ref:
+        assert rel(out_new[k], out_ref[k]) < 1e-12, k
+    sum(v.square().mean() for v in out_ref.values()).backward()
+    sum(v.square().mean() for v in out_new.values()).backward()
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        assert q.grad is not None and rel(q.grad, p.grad) < 1e-12, name
 
 
 def test_channels_last_equals_nchw_in_fp32():
@@ -210,7 +244,7 @@ def test_channels_last_equals_nchw_in_fp32():
         a, b = ref(x), cl(x)
     for k in a:
         assert b[k].is_contiguous(memory_format=torch.channels_last)
-        assert _rel(b[k], a[k]) < 1e-5
+        assert _rel(b[k], a[k]) < FP32
 
 
 @pytest.mark.skipif(not BF16, reason="this CPU has no native bfloat16")
@@ -341,7 +375,7 @@ def test_fold_and_fast_roi_align_exact_on_a_detector_fp32():
     feats_ref = ref.backbone(images.tensor)
     feats_new = fast.backbone(images.tensor)
     for k in feats_ref:
-        assert _rel(feats_new[k], feats_ref[k]) < 1e-4, k
+        assert _rel(feats_new[k], feats_ref[k]) < FP32_DETECTOR, k
     # Same proposals into both ROI heads: pooled features and box predictions agree.
     props = [Instances((128, 128), proposal_boxes=i["instances"].gt_boxes) for i in imgs]
     for p in props:
@@ -351,11 +385,11 @@ def test_fold_and_fast_roi_align_exact_on_a_detector_fp32():
     boxes = [p.proposal_boxes for p in props]
     pooled_ref = ref.roi_heads.box_pooler(fr, boxes)
     pooled_new = fast.roi_heads.box_pooler(fn, boxes)
-    assert _rel(pooled_new, pooled_ref) < 1e-4
+    assert _rel(pooled_new, pooled_ref) < FP32_DETECTOR
     out_ref = ref.roi_heads.box_predictor(ref.roi_heads.box_head(pooled_ref))
     out_new = fast.roi_heads.box_predictor(fast.roi_heads.box_head(pooled_new))
     for a, b in zip(out_new, out_ref):
-        assert _rel(a, b) < 1e-4
+        assert _rel(a, b) < FP32_DETECTOR
 
 
 @pytest.mark.skipif(not BF16, reason="this CPU has no native bfloat16")
@@ -427,6 +461,49 @@ def test_autocast_trainer_float16_scaler_state(tmp_path):
     assert not t2.grad_scaler.is_enabled()
 
 
+def test_resume_restores_every_piece_of_trainer_state(tmp_path):
+    """Save -> a new Trainer -> ``resume_or_load``: every piece of state Detectron2's resume
+    restores comes back as it was saved: the weights, the optimizer's momentum buffers and
+    learning rates, the LR scheduler, the iteration, and (float16 AMP) the GradScaler's scale
+    and growth tracker. Those two are set by hand to 1024 and 7 before saving: a new scaler
+    starts at 65536 and 0, which is what a resume that forgets to load them would show."""
+    from detectron2.utils.env import seed_all_rng
+
+    from resnext_det.engine import Trainer
+
+    cfg = _shapes_cfg(tmp_path, "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", "float16",
+                      "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 2, "SOLVER.WARMUP_ITERS", 4,
+                      "SOLVER.STEPS", (1,))  # fmt: skip
+    cfg.DATASETS.TEST = ()
+    seed_all_rng(0)
+    first = Trainer(cfg)
+    first.resume_or_load(resume=False)
+    first.train()
+    scaler = first._trainer.grad_scaler
+    assert isinstance(first._trainer, AutocastTrainer) and scaler.is_enabled()
+    scaler.load_state_dict(dict(scaler.state_dict(), scale=1024.0, _growth_tracker=7))
+    first.checkpointer.save("model_resume")  # as the periodic checkpointer saves
+
+    fresh = Trainer(cfg)
+    assert fresh._trainer.grad_scaler.get_scale() == 65536.0  # what must not survive the resume
+    fresh.resume_or_load(resume=True)
+    assert first.iter == 2 and (fresh.iter, fresh.start_iter) == (2, 3)
+    scaler2 = fresh._trainer.grad_scaler.state_dict()
+    assert scaler2["scale"] == 1024.0 and scaler2["_growth_tracker"] == 7
+    a, b = first.model.state_dict(), fresh.model.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a, opt_b = first.optimizer.state_dict(), fresh.optimizer.state_dict()
+    momenta = [s["momentum_buffer"] for s in opt_a["state"].values()]
+    assert momenta and all(m is not None and m.abs().sum() > 0 for m in momenta)  # trained: non-zero
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for k, s in opt_a["state"].items():
+        assert torch.equal(s["momentum_buffer"], opt_b["state"][k]["momentum_buffer"]), k
+    assert [g["lr"] for g in opt_a["param_groups"]] == [g["lr"] for g in opt_b["param_groups"]]
+    # The scheduler stepped twice (last_epoch 2): in warm-up, after the step at iteration 1.
+    assert first.scheduler.last_epoch == fresh.scheduler.last_epoch == 2
+    assert first.scheduler.state_dict() == fresh.scheduler.state_dict()
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -453,20 +530,26 @@ def _shapes_cfg(tmp_path, *opts):
 def test_fast_path_training_on_shapes_learns(tmp_path):
     from resnext_det.engine import Trainer
 
+    from detectron2.utils.env import seed_all_rng
+
     cfg = _shapes_cfg(tmp_path, *FAST)
     cfg.DATASETS.TEST = ()  # evaluated below on a small subset
+    # Detectron2's TrainingSampler draws a random seed when given none, and the model's
+    # initialisation and the flips use the global RNGs: seeded here, the run is the same
+    # every time (unseeded, the loss-drop check failed 1 run in 7).
+    seed_all_rng(0)
     trainer = Trainer(cfg)
     # The switches reach the trainer (autocast on CPU) and the model.
     assert isinstance(trainer._trainer, AutocastTrainer)
     assert trainer._trainer.precision == torch.bfloat16
     assert any(isinstance(m, FastROIAlign) for m in trainer.model.modules())
     assert any(isinstance(m, FrozenBNFusedConv2d) for m in trainer.model.modules())
-    torch.manual_seed(0)
     trainer.train()
     losses = trainer.storage.history("total_loss").values()
     assert len(losses) == 40
     first = sum(v for v, _ in losses[:5]) / 5
     last = sum(v for v, _ in losses[-5:]) / 5
+    # Measured (last / first): 0.51 with this seed; 0.36-0.66 over seeds 0-14.
     assert last < 0.8 * first, (first, last)
     # Evaluation goes through the fast inference path and returns fp32 COCO AP.
     from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -481,6 +564,9 @@ def test_fast_path_training_on_shapes_learns(tmp_path):
         })  # fmt: skip
     cfg2 = cfg.clone()
     cfg2.DATASETS.TEST = (name,)
+    # Every box scored: after 40 iterations some seeds leave no box above the default 0.05,
+    # and COCO AP of no detections is NaN (2 seeds in 15), which is not what this checks.
+    trainer.model.roi_heads.box_predictor.test_score_thresh = 0.0
     res = Trainer.test(cfg2, trainer.model, [COCOEvaluator(name, output_dir=str(tmp_path / "eval"))])
     assert "bbox" in res and res["bbox"]["AP"] == res["bbox"]["AP"]  # a number, not NaN
 
