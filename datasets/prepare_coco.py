@@ -18,7 +18,7 @@ from typing import List, Optional
 
 
 def _config_datasets(config_file: str) -> List[str]:
-    from resnext_det.engine.trainer import setup_cfg
+    from resnext_det.engine import setup_cfg
 
     cfg = setup_cfg(config_file, [])
     return list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
@@ -41,6 +41,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--full-parse-max-mb", type=float, default=64.0,
                         help="JSON files up to this size are parsed fully; larger ones are "
                              "streamed (structure + image count)")
+    parser.add_argument("--verify-images", action="store_true",
+                        help="with --check: also decode every image of the needed folders and list "
+                             "the ones training would skip (truncated, not an image, 16-bit); slow: "
+                             "about 10 min for train2017 on one core")
     args = parser.parse_args(argv)
     if not args.check:
         parser.error("nothing to do: pass --check (this tool never downloads; see datasets/README.md)")
@@ -74,7 +78,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     items = check_coco(coco_dir, datasets=names,
                        full_parse_max_bytes=int(args.full_parse_max_mb * (1 << 20)))
     print(format_report(items, coco_dir, datasets=names))
-    return 0 if all(i.ok for i in items if i.needed) else 1
+    ok = all(i.ok for i in items if i.needed)
+    if args.verify_images:
+        from resnext_det.data.robust import unreadable_images
+
+        bad = []
+        for i in items:
+            if i.needed and i.kind == "images" and i.status != "missing":
+                bad += unreadable_images(os.path.join(coco_dir, i.path))
+        for path, reason in bad:
+            print(f"  [ UNREADABLE] {path}: {reason}")
+        print(f"{len(bad)} image(s) that training would skip" if bad else "Every image decodes.")
+        ok = ok and not bad
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

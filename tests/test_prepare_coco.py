@@ -178,7 +178,7 @@ def test_dataset_groups_and_config_file(tmp_path, capsys, fake_counts):
     assert rc == 0, out
     rc, out = _run(capsys, "--root", str(tmp_path), "--config-file",
                    os.path.join(REPO, "configs", "Base-ResNeXt-FPN.yaml"))
-    from resnext_det.engine.trainer import setup_cfg
+    from resnext_det.engine import setup_cfg
 
     cfg = setup_cfg(os.path.join(REPO, "configs", "Base-ResNeXt-FPN.yaml"), [])
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):

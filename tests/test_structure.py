@@ -143,3 +143,18 @@ def test_train_net_one_line_errors_for_bad_config_files(tmp_path):
         r = subprocess.run([sys.executable, tool, "--config-file", base, *opts],
                            capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_resnet_keys_beside_a_resnext_backbone_are_named_as_ignored(caplog):
+    """MODEL.RESNETS.* and MODEL.BACKBONE.FREEZE_AT do nothing to a ResNeXt backbone: say so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="resnext_det"):
+        setup_cfg(os.path.join(CONFIGS, "Base-ResNeXt-FPN.yaml"),
+                  ["MODEL.RESNETS.DEPTH", "101", "MODEL.BACKBONE.FREEZE_AT", "0"])
+    text = caplog.text
+    assert "MODEL.RESNETS.DEPTH" in text and "MODEL.BACKBONE.FREEZE_AT" in text and "ignored" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="resnext_det"):
+        setup_cfg(os.path.join(CONFIGS, "Base-ResNeXt-FPN.yaml"), [])
+    assert "ignored" not in caplog.text

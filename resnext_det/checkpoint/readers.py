@@ -19,6 +19,8 @@ from ..errors import UserError
 
 __all__ = [
     "CheckpointReadError",
+    "TRUST_PICKLE_ENV",
+    "safe_pickle_load",
     "SourceWeights",
     "sniff_container",
     "read_weights_file",
@@ -49,7 +51,13 @@ _READ_ERRORS = (
     TypeError,
     MemoryError,
     OverflowError,
+    OSError,  # a truncated zip: "[Errno 22] Invalid argument" from the zip reader
 )
+
+#: ``RESNEXT_DET_TRUST_PICKLE=1`` lets pickles create any object (they run code then):
+#: only for files you trust. Without it, weight and proposal pickles may hold numpy
+#: arrays and plain containers only.
+TRUST_PICKLE_ENV = "RESNEXT_DET_TRUST_PICKLE"
 
 
 @dataclass
@@ -122,6 +130,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("builtins", "set"),
         ("builtins", "frozenset"),
         ("__builtin__", "set"),
+        # Detectron2's proposal files may store the box mode as its enum.
+        ("detectron2.structures.boxes", "BoxMode"),
     }
 
     def find_class(self, module, name):
@@ -131,6 +141,25 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             f"the pickle wants to create {module}.{name}, which a weight file does not need "
             "(pass --trust-pickle to allow it if you trust the file)"
         )
+
+
+def safe_pickle_load(path: str, *, what: str = "") -> Any:
+    """Unpickle ``path`` allowing numpy arrays and plain containers only (no code runs),
+    unless ``RESNEXT_DET_TRUST_PICKLE=1``. A pickle that wants anything else is a
+    :class:`CheckpointReadError` naming the file, the class it wanted and the opt-in."""
+    what = what or repr(path)
+    with open(path, "rb") as f:
+        if os.environ.get(TRUST_PICKLE_ENV) == "1":
+            return pickle.load(f, encoding="latin1")
+        try:
+            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            if "wants to create" in str(e):
+                raise CheckpointReadError(
+                    f"{what}: refused to unpickle it: {str(e).split(' (pass')[0]}. Unpickling runs "
+                    f"code; if you trust the file, set {TRUST_PICKLE_ENV}=1."
+                ) from e
+            raise
 
 
 def _torch_load(path: str, trust_pickle: bool) -> Any:

@@ -8,6 +8,8 @@ keeps its traceback. ``RESNEXT_DET_TRACEBACK=1`` shows the traceback of user
 errors too.
 """
 import argparse
+import errno
+import logging
 import os
 import sys
 import traceback
@@ -95,14 +97,30 @@ def cli(argv: Optional[Sequence[str]] = None):
 
 
 def run_tool(fn: Callable[[], object], prog: str) -> int:
-    """Run ``fn``; a :class:`UserError` ends it with ``"{prog}: error: {message}"`` on
-    standard error and returns 2, other exceptions propagate (with their traceback).
+    """Run ``fn``; a :class:`UserError` (or a full disk) ends it with
+    ``"{prog}: error: {message}"`` on standard error and returns 2, other exceptions
+    propagate (with their traceback).
     Returns 0 on success (or ``fn``'s return value when it is an int)."""
+    # A log handler that cannot write (full disk) must not print a page per record.
+    logging.raiseExceptions = False
     try:
         out = fn()
     except UserError as e:
         if os.environ.get("RESNEXT_DET_TRACEBACK"):
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        if os.environ.get("RESNEXT_DET_TRACEBACK"):
+            traceback.print_exc()
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"{prog}: error: no space left on the device{where}: free space there or point "
+            "OUTPUT_DIR at another disk, then rerun with --resume (checkpoints are written whole, "
+            "so the last complete one is intact)",
+            file=sys.stderr,
+        )
         return 2
     return out if isinstance(out, int) and not isinstance(out, bool) else 0

@@ -5,17 +5,26 @@ import functools
 import os
 from typing import List, Optional
 
+import logging
+
 import torch
 
 import detectron2.engine.defaults as _d2_defaults
+import detectron2.utils.comm as comm
 from detectron2.config import CfgNode
+from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from ..checkpoint import ResNeXtCheckpointer, attach_weights_record
+from ..data.robust import SkipUnreadableImages, training_dataset_dicts
+from ..errors import ConfigError
 from ..fast import AutocastTrainer, amp_dtype, apply_fast_path, prepare_for_inference
+from ..utils.io import remove_stale_temporaries
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "SolverRecord"]
+
+logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
@@ -25,6 +34,12 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg: CfgNode):
+        if comm.is_main_process():
+            n = remove_stale_temporaries(cfg.OUTPUT_DIR)
+            if n:
+                logger.info("Removed %d temporary file(s) that interrupted writes left in %s", n, cfg.OUTPUT_DIR)
+        # The solver as configured, before Detectron2 scales it to the world size.
+        self._solver_record = SolverRecord(cfg)
         with _cpu_ddp(cfg):
             super().__init__(cfg)
         if cfg.SOLVER.AMP.ENABLED:
@@ -42,6 +57,33 @@ class Trainer(DefaultTrainer):
                 if dtype is not None
                 else SimpleTrainer(t.model, t.data_loader, t.optimizer)
             )
+
+    def build_hooks(self):
+        """Detectron2's hooks, checkpointing through :class:`ResNeXtCheckpointer`:
+        every checkpoint written whole (temporary name, fsync, rename), resume falling
+        back to the newest complete one, and the solver recorded (see :class:`SolverRecord`)."""
+        old = self.checkpointer
+        self.checkpointer = ResNeXtCheckpointer(old.model, old.save_dir, cfg=self.cfg, **old.checkpointables)
+        self.checkpointer.add_checkpointable("solver", self._solver_record)
+        return super().build_hooks()
+
+    def train(self):
+        """Train; a run resumed at ``MAX_ITER`` (killed while the final checkpoint was
+        written) writes ``model_final.pth`` from the restored state instead of nothing."""
+        out = super().train()
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if comm.is_main_process() and self.iter >= self.max_iter - 1 and not os.path.isfile(final):
+            self.checkpointer.save("model_final", iteration=self.max_iter - 1)
+        comm.synchronize()
+        return out
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        """Detectron2's training loader, where an unreadable image is skipped with a
+        warning that names it, and each dataset's dropped boxes are counted in the log
+        (:mod:`resnext_det.data.robust`)."""
+        mapper = SkipUnreadableImages(DatasetMapper(cfg, True))
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=training_dataset_dicts(cfg))
 
     @classmethod
     def build_model(cls, cfg: CfgNode):
@@ -75,6 +117,43 @@ class Trainer(DefaultTrainer):
         return DatasetEvaluators(
             [COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)]
         )
+
+
+#: Solver keys a resumed run does not take from the config: Detectron2 restores the
+#: optimizer's param groups (lr, momentum, weight decay) and the scheduler's base_lrs.
+_RESTORED_SOLVER_KEYS = (
+    "BASE_LR", "MOMENTUM", "NESTEROV", "WEIGHT_DECAY", "WEIGHT_DECAY_NORM", "WEIGHT_DECAY_BIAS",
+    "BIAS_LR_FACTOR", "REFERENCE_WORLD_SIZE",
+)  # fmt: skip
+
+
+class SolverRecord:
+    """A checkpointable holding the solver values a resumed run cannot change (the
+    restored optimizer and scheduler keep the old ones). Resuming with other values is
+    refused with the keys and the two ways out, instead of training on silently with
+    the old learning rate."""
+
+    def __init__(self, cfg: CfgNode):
+        self.values = {k: _plain(cfg.SOLVER[k]) for k in _RESTORED_SOLVER_KEYS if k in cfg.SOLVER}
+        self.output_dir = cfg.OUTPUT_DIR
+
+    def state_dict(self) -> dict:
+        return dict(self.values)
+
+    def load_state_dict(self, state: dict) -> None:
+        changed = [k for k in self.values if k in state and state[k] != self.values[k]]
+        if changed:
+            raise ConfigError(
+                "--resume with another solver than the checkpoint was trained with: "
+                + ", ".join(f"SOLVER.{k} {state[k]!r} -> {self.values[k]!r}" for k in changed)
+                + ". A resumed run would keep the old values (Detectron2 restores the optimizer "
+                "and the scheduler). Rerun with the old values (in the Appendix B schedule they come "
+                f"from UNSHARED.RPN / UNSHARED.FAST_RCNN), or start over: delete {self.output_dir}."
+            )
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.evaluation.evaluator import inference_context
 from detectron2.structures import Boxes, BoxMode, Instances
 
+from ..checkpoint.readers import safe_pickle_load
 from ..utils.io import atomic_write_bytes, atomic_write_json
 from ..errors import MissingFileError, UserError
 
@@ -66,8 +67,8 @@ def load_proposal_file(proposal_file: str) -> Dict[str, Any]:
             f"Proposal file {proposal_file!r} does not exist. The schedule writes it in "
             "stage 2: run tools/train_net.py with the same config (or `--stage proposals`)."
         )
-    with open(proposal_file, "rb") as f:
-        data = pickle.load(f, encoding="latin1")
+    # numpy arrays and plain containers only: a proposal file runs no code
+    data = safe_pickle_load(proposal_file, what=f"proposal file {proposal_file!r}")
     if not isinstance(data, dict):
         raise ProposalFileMismatch(
             f"Proposal file {proposal_file!r} holds a {type(data).__name__}, not the dict "
@@ -163,8 +164,11 @@ def check_proposal_file(
 def _read_pickle_meta(path: str) -> Optional[Dict[str, Any]]:
     if not os.path.isfile(path):
         return None
-    with open(path, "rb") as f:
-        return pickle.load(f).get("meta")
+    try:
+        data = safe_pickle_load(path)
+    except (UserError, pickle.UnpicklingError, EOFError, OSError):
+        return None  # a share cut short by a kill: recomputed
+    return data.get("meta") if isinstance(data, dict) else None
 
 
 def proposal_file_meta(proposal_file: str) -> Optional[Dict[str, Any]]:
@@ -278,8 +282,7 @@ def dump_proposals(
                     f"{f} is missing: every process writes its share of the proposals into "
                     "OUTPUT_DIR, which must be on a file system shared by all machines."
                 )
-            with open(f, "rb") as fh:
-                shard = pickle.load(fh)
+            shard = safe_pickle_load(f)
             for i, b, s in zip(shard["ids"], shard["boxes"], shard["objectness_logits"]):
                 by_id[str(i)] = (i, b, s)
         dicts = DatasetCatalog.get(dataset_name)

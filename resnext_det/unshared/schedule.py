@@ -22,11 +22,13 @@ completion with ``stage_done.json``. Rerunning skips finished stages and
 resumes an interrupted training stage from its last checkpoint.
 """
 import datetime
+import hashlib
 import json
 import logging
 import math
 import os
 import time
+import zipfile
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
@@ -40,7 +42,13 @@ from ..checkpoint import METADATA_KEY
 from ..engine.trainer import Trainer
 from ..inference import build_inference_model, load_model
 from ..modeling.spec import ResNeXtSpec
-from ..utils.io import atomic_write, atomic_write_json, atomic_write_text
+from ..utils.io import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    remove_stale_temporaries,
+)
 from .stages import PER_STAGE_SOLVER, STAGE_DIRS, STAGES, proposal_file, stage_configs, stage_dir
 from .proposals import (
     check_proposal_file,
@@ -64,6 +72,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MARKER = "stage_done.json"
+# Keys that change the proposals, named in proposal files' metadata (the config digest
+# covers the rest): a file made with other values is made again.
+_PROPOSAL_KEYS = (
+    "MODEL.RPN.NMS_THRESH",
+    "MODEL.RPN.MIN_SIZE",
+    "INPUT.MIN_SIZE_TEST",
+    "INPUT.MAX_SIZE_TEST",
+    "INPUT.FORMAT",
+)
 
 # Table 8 of the paper: Faster R-CNN on COCO minival (coco_2014_minival), keyed
 # by (depth, cardinality C, bottleneck width d). AP is COCO's AP@[.5:.95].
@@ -146,6 +163,38 @@ def _identity(cfg: CfgNode, stage: str) -> Dict[str, Any]:
         if k not in _VOLATILE
         and (not k.startswith("UNSHARED.") or k.startswith(keep_unshared.get(stage, "~")))
     }
+
+
+def _loads(path: str) -> bool:
+    """Whether a checkpoint (a torch zip) is whole: its central directory, written last,
+    is readable. A file cut short by a kill or a full disk is not."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _broken_outputs(cfg: CfgNode, cfgs: Dict[str, CfgNode], stage: str) -> Optional[str]:
+    """The first output of a finished ``stage`` that is missing or does not load, or None."""
+    if stage in ("rpn", "fast_rcnn"):
+        files = [os.path.join(cfgs[stage].OUTPUT_DIR, "model_final.pth")]
+        if stage == "fast_rcnn":
+            files.append(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+        return next((f for f in files if not _loads(f)), None)
+    if stage == "proposals":
+        frcn = cfgs["fast_rcnn"].DATASETS
+        for f in list(frcn.PROPOSAL_FILES_TRAIN) + list(frcn.PROPOSAL_FILES_TEST):
+            if not (os.path.isfile(f) and os.path.getsize(f) > 0 and proposal_file_meta(f) is not None):
+                return f
+        return None
+    results = os.path.join(stage_dir(cfg, "eval"), "results.json")
+    try:
+        with open(results) as fh:
+            json.load(fh)
+    except (OSError, ValueError):
+        return results
+    return None
 
 
 def _stage_cfg_for_marker(cfg: CfgNode, cfgs: Dict[str, CfgNode], stage: str) -> CfgNode:
@@ -252,8 +301,15 @@ def _stage_proposals(cfg, cfgs, force: bool) -> Dict[str, Any]:
         ("test", n, cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
         for n in cfg.DATASETS.TEST
     ]
-    # The RPN weights identify the proposals: files of another RPN are not reused.
-    source = {"rpn_weights": os.path.abspath(weights), "rpn_mtime": os.path.getmtime(weights)}
+    # What the proposals are made from: the RPN's weights (their bytes, not their path) and
+    # every RPN and test-input key. Files made from anything else are made again.
+    source = {
+        "rpn_weights_sha256": file_sha256(weights),
+        "rpn_config_sha256": hashlib.sha256(
+            json.dumps(_identity(rpn_cfg, "rpn"), sort_keys=True, default=str).encode()
+        ).hexdigest(),
+        **{k: _flat(rpn_cfg)[k] for k in _PROPOSAL_KEYS},
+    }
     out: Dict[str, Any] = {}
     for role, name, pre, post in jobs:
         path = proposal_file(cfg, name, post)
@@ -261,10 +317,15 @@ def _stage_proposals(cfg, cfgs, force: bool) -> Dict[str, Any]:
         if any(v.get("file") == path for v in out.values()):
             continue  # a dataset both trained and tested on, with one top-k
         expected = dict(source, dataset=name, pre_nms_topk=pre, post_nms_topk=post)
-        if not force and proposal_file_meta(path) == expected:
+        found = proposal_file_meta(path)
+        if not force and found == expected:
             logger.info(f"Proposals for {name}: {path} exists (written by an interrupted run)")
             out[key] = {"file": path}
             continue
+        if found is not None:
+            diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+            logger.warning(f"Proposals for {name}: {path} was made from other settings ({', '.join(diff)}): "
+                           "making them again.")
         stats = dump_proposals(
             model,
             rpn_cfg,
@@ -461,11 +522,25 @@ def run_schedule(
     cfgs = stage_configs(cfg)
     world = comm.get_world_size()
     logger.info(_plan(cfg, cfgs, world))
+    if comm.is_main_process():
+        for folder in [cfg.OUTPUT_DIR] + [stage_dir(cfg, st) for st in STAGES]:
+            n = remove_stale_temporaries(folder)
+            if n:
+                logger.info(f"Removed {n} temporary file(s) that interrupted writes left in {folder}")
+    comm.synchronize()
     results: Dict[str, Any] = {}
     for k, name in enumerate(STAGES):
         if stage is not None and name != stage:
             continue
         marker = read_stage_marker(cfg, name)
+        if marker is not None and stage is None:
+            broken = _broken_outputs(cfg, cfgs, name)
+            if broken:
+                logger.warning(
+                    f"Stage {k + 1} ({name}) is marked finished but {broken} is missing or "
+                    "incomplete: running the stage again."
+                )
+                marker = None
         if marker is not None and stage is None:
             _warn_if_changed(cfg, cfgs, name, marker)
             logger.info(f"Stage {k + 1} ({name}) finished on {marker['finished']}: skipped.")

@@ -9,6 +9,7 @@ complete new one, never a prefix. A failed write removes its temporary file;
 :func:`remove_stale_temporaries` removes those a killed process left behind.
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -25,11 +26,15 @@ __all__ = [
     "atomic_write_json",
     "finite",
     "remove_stale_temporaries",
+    "file_sha256",
 ]
 
 #: Infix of the temporary names (``.model_final.pth.tmp-xxxx``), for clean-up.
 TMP_MARK = ".tmp-"
-_TMP_RE = re.compile(r"^\..+" + re.escape(TMP_MARK) + r"[^.]+$")
+_TMP_RE = re.compile(
+    r"^\..+" + re.escape(TMP_MARK) + r"[^.]+(\.\w+)?$"  # ours: .model_final.pth.tmp-ab12cd
+    r"|^.+\.tmp\d+$"  # resnext_det <= 0.1's: model_final.pth.tmp4242
+)
 
 
 @contextlib.contextmanager
@@ -103,3 +108,12 @@ def remove_stale_temporaries(folder: str) -> int:
                 os.unlink(os.path.join(folder, name))
                 n += 1
     return n
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 hex digest of the file's bytes (read in 4 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
