@@ -1,26 +1,30 @@
 #!/usr/bin/env python
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
-"""Convert ImageNet ResNeXt/ResNet weights to a Detectron2 checkpoint for MODEL.WEIGHTS.
+"""Convert ImageNet ResNeXt/ResNet weights, or a detector, to a Detectron2 checkpoint for MODEL.WEIGHTS.
 
     python tools/convert_pretrained.py resnext50_32x4d-1a0047aa.pth X-50-32x4d.pth --verify
-    python tools/convert_pretrained.py X-101-32x8d.pkl X-101-32x8d.pth --to-rgb --verify
+    python tools/convert_pretrained.py X-101-32x8d.pkl X-101-32x8d.pth --convention fair --to-rgb --verify
     python tools/convert_pretrained.py resnext_101_64x4d.t7 X-101-64x4d.pth --arch X-101-64x4d \\
         --config-out configs/my-X-101-64x4d-FPN.yaml
+    python tools/convert_pretrained.py model_final_2d9806.pkl mask_rcnn_X101_rgb.pth --to-rgb --verify
 
 Reads torchvision / timm (.pth, .pt, .safetensors), Detectron / Detectron2
 Caffe2 (.pkl) and Torch7 (.t7) files, recognised from their content. Infers
 depth, cardinality C and width d from the tensors (``--arch`` makes it a check),
 records the input convention (RGB/BGR, mean/std, STRIDE_IN_1X1) in the output,
-and prints the config keys to set. ``--verify`` runs the source model and our
-backbone on the same images; it fails (exit 1, nothing written) unless res2..res5
-agree to float precision. Errors exit with status 2 and say what to change.
+and prints the config keys to set. A full detector in Detectron2 names (e.g. a
+Detectron2 model-zoo ``model_final_*.pkl``) keeps every tensor; its convention
+is read from the file (or given), and ``--to-rgb`` makes a BGR one take RGB.
+``--verify`` runs the source model and our backbone on the same images; it fails
+(exit 1, nothing written) unless res2..res5 agree to float precision. Errors exit
+with status 2 and say what to change. MODEL.WEIGHTS names (torchvision://...)
+run this same conversion on the fly: see docs/weights.md.
 """
 import argparse
 import logging
 import os
 import shlex
 import sys
-import tempfile
 
 from resnext_det.checkpoint import (
     CONVENTIONS,
@@ -36,6 +40,7 @@ from resnext_det.checkpoint import (
     verify_conversion,
 )
 from resnext_det.presets import PRESETS
+from resnext_det.utils.io import atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BASE = os.path.join(ROOT, "configs", "Base-ResNeXt-FPN.yaml")
@@ -56,7 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="See docs/weights.md for the public weights and their conventions.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="ImageNet weight file (.pth/.pt/.safetensors/.pkl/.t7)")
+    p.add_argument(
+        "input", help="ImageNet weight file (.pth/.pt/.safetensors/.pkl/.t7), or a detector checkpoint "
+        "in Detectron2 names (e.g. a Detectron2 model-zoo model_final_*.pkl)",
+    )
     p.add_argument("output", help="Detectron2 checkpoint to write (*.pth), atomically")
     p.add_argument("--arch", choices=sorted(PRESETS), help="refuse unless the weights are this architecture")
     p.add_argument("--format", default="auto", choices=FORMATS, help="source format (default: from the content)")
@@ -82,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--to-rgb", action="store_true",
-        help="make BGR weights take RGB input (reverses the stem conv's input channels; exact)",
+        help="make BGR weights (ImageNet backbone or detector) take RGB input: reverses the stem "
+        "conv's input channels and the mean/std with them; exact",
     )
     p.add_argument("--use-ema", action="store_true", help="timm training checkpoints: take state_dict_ema")
     p.add_argument(
@@ -108,20 +117,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p.parse_args(argv)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     meta = result.metadata
     if args.verify:
         logger.info("Verifying on 2 random %dx%d images ...", args.verify_size, args.verify_size)
-        diffs = verify_conversion(result, size=args.verify_size)
+        diffs = verify_conversion(result.verification_view(), size=args.verify_size)
         print(f"--verify: {result.format} source model vs resnext_det backbone ({args.verify_size}x{args.verify_size}):")
         for stage, (d, m) in diffs.items():
             print(f"  {stage}: max |diff| = {d:.3g}  (max |feature| = {m:.3g})")
@@ -172,7 +167,10 @@ def run(args: argparse.Namespace) -> int:
     weights = os.path.abspath(args.output)
     pairs = config_pairs(meta, weights)
     a, i = meta.arch, meta.input
-    print(f"Wrote {args.output}: {a.describe()} from {result.format} ({args.input})")
+    if meta.kind == "detector":
+        print(f"Wrote {args.output}: {meta.source['origin']} with a {a.describe()} trunk ({args.input})")
+    else:
+        print(f"Wrote {args.output}: {a.describe()} from {result.format} ({args.input})")
     print(f"Input convention: {i.describe()}; STRIDE_IN_1X1 {a.stride_in_1x1}")
     if result.dropped:
         print(f"Left out (ImageNet classifier): {', '.join(result.dropped)}")
@@ -192,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             f"Weights: {a.describe()}; input: {i.describe()}.\n"
             f"Use: python tools/train_net.py --config-file {args.config_out}"
         )
-        _write_text_atomic(args.config_out, config_yaml(pairs, base=base, header=header))
+        atomic_write_text(args.config_out, config_yaml(pairs, base=base, header=header))
         print(f"\nWrote {args.config_out}" + (f" (_BASE_: {base})" if base else " (no _BASE_: merge it after a base config)"))
     return 0
 

@@ -21,6 +21,10 @@ resS.B.shortcut   layer(S-1).B.downsample  resS_B_branch1_*
 Torch7 ``.t7`` models (the paper's release) are mapped by walking the module
 tree: each residual block is ``nn.Sequential(nn.ConcatTable(branch, shortcut),
 nn.CAddTable, ReLU)``.
+
+Full detector checkpoints in Detectron2 names (another project's, e.g. Detectron2's
+model zoo) keep every tensor; what the file tells about their input convention is
+read by :func:`detector_convention`, recorded, and ``to_rgb`` flips their stem.
 """
 import dataclasses
 import hashlib
@@ -55,6 +59,10 @@ __all__ = [
     "torch7_layout",
     "infer_arch",
     "check_against_model",
+    "DETECTRON2_ZOO_AUTHOR",
+    "DetectorConvention",
+    "detector_convention",
+    "detector_trunk",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +105,12 @@ class ConversionResult:
 
     def checkpoint(self) -> dict:
         """The dict written to disk (Detectron2 checkpoint format)."""
+        if self.metadata.kind == "detector":  # full names: no heuristics
+            return {
+                "model": self.state_dict,
+                "__author__": f"resnext_det tools/convert_pretrained.py (from {self.source.extra.get('__author__') or 'a detector'})",
+                METADATA_KEY: self.metadata.to_dict(),
+            }
         return {
             "model": self.state_dict,
             "__author__": f"resnext_det tools/convert_pretrained.py (from {self.format})",
@@ -106,6 +120,20 @@ class ConversionResult:
             "matching_heuristics": True,
             METADATA_KEY: self.metadata.to_dict(),
         }
+
+    def verification_view(self) -> "ConversionResult":
+        """What ``--verify`` compares: the backbone itself, or a detector's ResNet
+        trunk (source and converted), as a backbone in Detectron2 names."""
+        if self.metadata.kind != "detector":
+            return self
+        src = dataclasses.replace(self.source, tensors=detector_trunk(self.source.tensors))
+        return dataclasses.replace(
+            self,
+            state_dict=detector_trunk(self.state_dict),
+            metadata=dataclasses.replace(self.metadata, kind="backbone"),
+            format="detectron2",
+            source=src,
+        )
 
 
 # --------------------------------------------------------------------------
@@ -593,11 +621,15 @@ def convert_weights(
     use_ema: bool = False,
     trust_pickle: bool = False,
     progress: bool = True,
+    source: Optional[SourceWeights] = None,
 ) -> ConversionResult:
     """Read ``path`` and convert it to Detectron2 names, checking everything.
 
+    A full detector checkpoint in Detectron2 names is not renamed: see
+    :func:`convert_detector`, which this calls for one.
+
     Args:
-        path: the ImageNet weight file.
+        path: the ImageNet weight file (or detector checkpoint).
         fmt: one of :data:`FORMATS`; "auto" recognises it from the content.
         arch: a :data:`~resnext_det.presets.PRESETS` name the weights must be.
         convention: a :data:`~resnext_det.checkpoint.metadata.CONVENTIONS` name;
@@ -610,11 +642,26 @@ def convert_weights(
         use_ema: take a timm checkpoint's EMA weights.
         trust_pickle: allow arbitrary objects in pickles (trusted files only).
         progress: show a progress bar while copying tensors.
+        source: ``path`` as :func:`~resnext_det.checkpoint.readers.read_weights_file`
+            already read it (not read again).
     """
     t0 = time.perf_counter()
     size_mb = os.path.getsize(path) / 2**20 if os.path.isfile(path) else 0
-    logger.info("Reading %s (%.1f MB) ...", path, size_mb)
-    src = read_weights_file(path, use_ema=use_ema, trust_pickle=trust_pickle)
+    if source is None:
+        logger.info("Reading %s (%.1f MB) ...", path, size_mb)
+    src = source or read_weights_file(path, use_ema=use_ema, trust_pickle=trust_pickle)
+    if src.container != "t7" and key_family(src.tensors) == "detector":
+        if fmt not in ("auto", "detectron2"):
+            raise ConversionError(
+                f"{path!r} is a full detector checkpoint (keys 'backbone.*'), not --format {fmt}: "
+                "pass --format auto"
+            )
+        if arch:
+            _check_requested_arch(_detector_arch(src.tensors, path), arch, path)
+        return convert_detector(
+            src, convention=convention, pixel_mean=pixel_mean, pixel_std=pixel_std,
+            stride_in_1x1=stride_in_1x1, to_rgb=to_rgb,
+        )
     fmt = _resolve_format(src, fmt)
     logger.info("Read %s as %s weights in %.1f s", path, fmt, time.perf_counter() - t0)
 
@@ -709,3 +756,231 @@ def save_converted(result: ConversionResult, output: str) -> None:
         )
     atomic_write(output, lambda f: torch.save(result.checkpoint(), f))
     logger.info("Wrote %s", output)
+
+
+# --------------------------------------------------------------------------
+# Detector checkpoints from elsewhere
+# --------------------------------------------------------------------------
+#: ``__author__`` of the files of Detectron2's model zoo (``model_final_*.pkl``).
+DETECTRON2_ZOO_AUTHOR = "Detectron2 Model Zoo"
+#: Where a detector in Detectron2 names keeps its ResNet trunk: FPN / RetinaNet
+#: models under ``backbone.bottom_up.``, C4 models under ``backbone.`` with res5
+#: in ``roi_heads.res5.``.
+_TRUNK_PREFIXES = ("backbone.bottom_up.", "backbone.")
+
+
+def detector_trunk(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The ResNet/ResNeXt trunk (``stem.*``, ``res2.*`` .. ``res5.*``) of a
+    detector in Detectron2 names; empty when it has none."""
+    for prefix in _TRUNK_PREFIXES:
+        if prefix + "stem.conv1.weight" in tensors:
+            out = {}
+            for k, v in tensors.items():
+                if k.endswith("num_batches_tracked"):
+                    continue
+                if k.startswith(prefix) and re.match(r"(stem|res[2-5])\.", k[len(prefix):]):
+                    out[k[len(prefix):]] = v
+                elif prefix == "backbone." and k.startswith("roi_heads.res5."):
+                    out[k[len("roi_heads."):]] = v
+            return out
+    return {}
+
+
+def _detector_arch(tensors: Dict[str, torch.Tensor], path: str = "") -> ResNeXtSpec:
+    trunk = detector_trunk(tensors)
+    if not trunk:
+        raise ConversionError(
+            f"{path!r} is a detector without a ResNet/ResNeXt trunk in Detectron2 names "
+            f"('backbone.bottom_up.stem.*' or 'backbone.stem.*'); its keys start {sorted(tensors)[:6]}"
+        )
+    return infer_arch(trunk)
+
+
+def _vector3(v) -> Optional[Tuple[float, float, float]]:
+    if isinstance(v, (torch.Tensor, np.ndarray)) and int(np.prod(v.shape)) == 3:
+        return tuple(float(x) for x in torch.as_tensor(v).flatten())
+    return None
+
+
+def _close3(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(abs(x - y) <= 1e-3 * max(1.0, abs(y)) for x, y in zip(a, b))
+
+
+@dataclass(frozen=True)
+class DetectorConvention:
+    """What a detector checkpoint that does not record resnext_det metadata tells
+    about the input it was trained on; None where the file cannot tell.
+
+    Attributes:
+        origin: where the file comes from, in words.
+        format: "RGB" or "BGR" (``INPUT.FORMAT``).
+        pixel_mean: 0-255 scale, in ``format`` order (``MODEL.PIXEL_MEAN``).
+        pixel_std: likewise (``MODEL.PIXEL_STD``).
+        stride_in_1x1: ``MODEL.RESNEXT.STRIDE_IN_1X1`` of its trunk.
+        arch: its trunk's shapes (depth, C, d, widths), when it has a ResNet trunk.
+    """
+
+    origin: str
+    format: Optional[str] = None
+    pixel_mean: Optional[Tuple[float, float, float]] = None
+    pixel_std: Optional[Tuple[float, float, float]] = None
+    stride_in_1x1: Optional[bool] = None
+    arch: Optional[ResNeXtSpec] = None
+
+    def unknown_keys(self) -> List[str]:
+        """The config keys whose value the file does not tell."""
+        keys = [
+            k
+            for k, v in (
+                ("INPUT.FORMAT", self.format),
+                ("MODEL.PIXEL_MEAN", self.pixel_mean),
+                ("MODEL.PIXEL_STD", self.pixel_std),
+            )
+            if v is None
+        ]
+        if self.arch is not None and self.stride_in_1x1 is None:
+            keys.append("MODEL.RESNEXT.STRIDE_IN_1X1")
+        return keys
+
+    def metadata(self, assume: Optional[WeightsMetadata] = None) -> WeightsMetadata:
+        """The file's metadata, what it does not tell taken from ``assume`` (the
+        config's own values: not checked then; see :meth:`unknown_keys`)."""
+        a_in = assume.input if assume is not None else None
+        fmt = self.format or (a_in.format if a_in else None)
+        mean = self.pixel_mean or (a_in.pixel_mean if a_in else None)
+        std = self.pixel_std or (a_in.pixel_std if a_in else None)
+        inp = InputConvention(fmt, "0-255", mean, std) if fmt and mean and std else None
+        arch = None
+        if self.arch is not None:
+            stride = self.stride_in_1x1
+            if stride is None and assume is not None and assume.arch is not None:
+                stride = assume.arch.stride_in_1x1
+            arch = self.arch.replace(stride_in_1x1=stride) if stride is not None else None
+        return WeightsMetadata(kind="detector", input=inp, arch=arch, source={"origin": self.origin})
+
+    def warning(self, what: str) -> str:
+        """One line: which keys the user must check, for this file."""
+        hint = ""
+        if self.origin.startswith("a Detectron2 model-zoo") and "MODEL.PIXEL_STD" in self.unknown_keys():
+            hint = (
+                " (Detectron2's zoo: its R-* detectors from MSRA weights were trained with "
+                "MODEL.PIXEL_STD [1, 1, 1] and MODEL.RESNEXT.STRIDE_IN_1X1 True, its 2021 LSJ "
+                "baselines with [57.375, 57.12, 58.395] and True, its GN models with [1, 1, 1] and False)"
+            )
+        return (
+            f"{what} is {self.origin} whose {', '.join(self.unknown_keys())} the file does not "
+            "tell: the config's values are used unchecked; make sure they are those it was "
+            f"trained with{hint}."
+        )
+
+
+def detector_convention(tensors: Dict[str, torch.Tensor], extra: dict) -> DetectorConvention:
+    """What a detector checkpoint in Detectron2 names tells about its input.
+
+    * Detectron2's model zoo (``__author__`` "Detectron2 Model Zoo", a ResNet
+      trunk): every model takes BGR input with the Caffe2 mean; its ResNeXts stride
+      in the 3x3 conv, and were trained with PIXEL_STD [57.375, 57.12, 58.395]
+      (the X-101-32x8d ones, from ``ImageNetPretrained/FAIR``) or [1, 1, 1] (the
+      X-152-32x8d one, from Detectron's IN5k file). Its ResNets came with std 1
+      (MSRA, GN) or 57-58 (2021 LSJ baselines) and either stride: not known.
+    * ``pixel_mean`` / ``pixel_std`` buffers, which Detectron2 wrote into the
+      checkpoints of its first versions, give the values (and the channel order,
+      when the mean is ImageNet's in one order).
+    """
+    author = str(extra.get("__author__", "") or "")
+    arch = None
+    trunk = detector_trunk(tensors)
+    if trunk:
+        try:
+            arch = infer_arch(trunk)
+        except ConversionError:
+            arch = None
+    mean, std = _vector3(tensors.get("pixel_mean")), _vector3(tensors.get("pixel_std"))
+    bgr_mean = CONVENTIONS["fair"][0].pixel_mean
+    if author == DETECTRON2_ZOO_AUTHOR and arch is not None:
+        stride = None
+        if arch.cardinality > 1:  # its ResNeXts: FAIR's X-101-32x8d, Detectron's X-152 IN5k
+            stride = False
+            if std is None:
+                std = CONVENTIONS["detectron1" if arch.depth == 152 else "fair"][0].pixel_std
+        return DetectorConvention("a Detectron2 model-zoo detector", "BGR", mean or bgr_mean, std, stride, arch)
+    fmt = None
+    if mean is not None:
+        fmt = "BGR" if _close3(mean, bgr_mean) else "RGB" if _close3(mean, bgr_mean[::-1]) else None
+    origin = f"a detector checkpoint ({author})" if author else "a detector checkpoint"
+    return DetectorConvention(origin, fmt, mean, std, None, arch)
+
+
+def convert_detector(
+    src: SourceWeights,
+    *,
+    convention: Optional[str] = None,
+    pixel_mean: Optional[Sequence[float]] = None,
+    pixel_std: Optional[Sequence[float]] = None,
+    stride_in_1x1: Optional[bool] = None,
+    to_rgb: bool = False,
+) -> ConversionResult:
+    """A full detector checkpoint in Detectron2 names, every tensor kept, with its
+    input convention recorded (as the file tells it, :func:`detector_convention`,
+    or as given); ``to_rgb`` reverses the stem conv's input channels of a BGR
+    detector (and its mean/std with them), which is exact.
+    """
+    path = src.path
+    found = detector_convention(src.tensors, src.extra)
+    recorded = src.extra.get(METADATA_KEY)
+    if isinstance(recorded, dict) and recorded.get("input") and convention is None:
+        old = WeightsMetadata.from_dict(recorded)  # ours (trained or converted before)
+        found = DetectorConvention(
+            "a resnext_det detector", old.input.format, old.input.pixel_mean, old.input.pixel_std,
+            old.arch.stride_in_1x1 if old.arch else None, found.arch,
+        )
+    if convention is not None:
+        if convention not in CONVENTIONS:
+            raise ConversionError(f"--convention {convention!r}: choose one of {sorted(CONVENTIONS)}")
+        inp, stride = CONVENTIONS[convention]
+        found = dataclasses.replace(
+            found, format=inp.format, pixel_mean=inp.pixel_mean, pixel_std=inp.pixel_std, stride_in_1x1=stride
+        )
+    overrides = {"pixel_mean": pixel_mean, "pixel_std": pixel_std, "stride_in_1x1": stride_in_1x1}
+    found = dataclasses.replace(
+        found, **{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in overrides.items() if v is not None}
+    )
+    if found.arch is None:
+        _detector_arch(src.tensors, path)  # raises with the reason
+    unknown = found.unknown_keys()
+    if unknown:
+        raise ConversionError(
+            f"{path!r} is {found.origin} whose {', '.join(unknown)} the file does not tell: pass "
+            "--convention fair|detectron1|msra|torchvision, or --pixel-mean/--pixel-std/"
+            "--stride-in-1x1, with the values it was trained with (see docs/weights.md)"
+        )
+    try:
+        meta = found.metadata()
+    except ValueError as e:
+        raise ConversionError(f"--pixel-mean / --pixel-std: {e}") from e
+    out = {k: v.detach().contiguous().clone() for k, v in src.tensors.items()}
+    flipped = False
+    if to_rgb and meta.input.format == "BGR":
+        for prefix in _TRUNK_PREFIXES:
+            if prefix + "stem.conv1.weight" in out:
+                out[prefix + "stem.conv1.weight"] = out[prefix + "stem.conv1.weight"].flip(1).contiguous()
+                break
+        for k in ("pixel_mean", "pixel_std"):  # old Detectron2 files: keep them consistent
+            if k in out and out[k].numel() == 3:
+                out[k] = out[k].flip(0).contiguous()
+        meta = dataclasses.replace(meta, input=meta.input.flipped())
+        flipped = True
+        logger.info("--to-rgb: reversed the stem conv's input channels of the detector (BGR -> RGB)")
+    elif to_rgb:
+        logger.info("--to-rgb: the detector already takes RGB input; nothing to flip")
+    meta = dataclasses.replace(
+        meta,
+        source={
+            "format": "detector",
+            "origin": found.origin,
+            "file": os.path.basename(path),
+            "sha256": _sha256(path),
+            "flipped_to_rgb": flipped,
+        },
+    )
+    return ConversionResult(out, meta, "detector", src, [], flipped)
