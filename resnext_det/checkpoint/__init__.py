@@ -5,12 +5,16 @@ convention and architecture, load them strictly, prove them equal.
 * :func:`convert_weights` / :func:`save_converted` (``tools/convert_pretrained.py``)
 * :func:`verify_conversion`: source model vs our backbone on the same images
 * :class:`ResNeXtCheckpointer`: refuses weights that disagree with the config
+* :func:`fetch_weights`: ``MODEL.WEIGHTS`` names (``torchvision://...``, ``timm://...``,
+  ``detectron2://...``, URLs) downloaded once, checked, converted and cached
 """
 from .convert import (
     FORMATS,
     ConversionError,
     ConversionResult,
+    DetectorConvention,
     convert_weights,
+    detector_convention,
     infer_arch,
     save_converted,
 )
@@ -27,6 +31,7 @@ from .metadata import (
     format_opts,
 )
 from .readers import CheckpointReadError, read_weights_file
+from .sources import WeightsSource, WeightsSourceError, fetch_weights, is_source_name, resolve_source
 from .verify import max_relative_error, verify_conversion
 
 __all__ = [
@@ -52,4 +57,11 @@ __all__ = [
     "ResNeXtCheckpointer",
     "WeightsRecord",
     "attach_weights_record",
+    "DetectorConvention",
+    "detector_convention",
+    "WeightsSource",
+    "WeightsSourceError",
+    "fetch_weights",
+    "is_source_name",
+    "resolve_source",
 ]
