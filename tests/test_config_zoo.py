@@ -41,6 +41,7 @@ from detectron2.utils.events import EventStorage
 
 import resnext_det
 from resnext_det import ResNeXt, add_resnext_config
+from resnext_det.checkpoint import is_source_name, resolve_source
 from resnext_det.engine.setup import check_lazy_device
 from resnext_det.errors import ConfigError
 from resnext_det.modeling.roi_heads import ResNeXtRes5ROIHeads
@@ -379,15 +380,17 @@ def _check_name_against_cfg(rel, cfg, model):
         # A COCO recipe not named "scratch" fine-tunes ImageNet weights of the named architecture.
         depth, c, d = info["arch"]
         tag = f"X-{depth}-{c}x{d}d" if c > 1 else f"R-{depth}"
-        assert tag in cfg.MODEL.WEIGHTS, f"{label}: MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} not {tag}"
+        held = resolve_source(cfg.MODEL.WEIGHTS).arch  # what the named file holds (no download)
+        assert held == tag, f"{label}: MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} holds {held!r}, not {tag}"
     # The input convention of the weights the config names.
     w = cfg.MODEL.WEIGHTS.lower()
-    if "torchvision" in w or "torch7" in w or "timm" in w or info["scratch"]:
+    conv = resolve_source(cfg.MODEL.WEIGHTS).convention if is_source_name(cfg.MODEL.WEIGHTS) else None
+    if conv == "torchvision" or "torchvision" in w or "torch7" in w or "timm" in w or info["scratch"]:
         assert cfg.INPUT.FORMAT == "RGB", label
         assert cfg.MODEL.PIXEL_MEAN == pytest.approx(TORCHVISION_MEAN, abs=1e-3), label
         assert cfg.MODEL.PIXEL_STD == pytest.approx(TORCHVISION_STD, abs=1e-3), label
         assert not cfg.MODEL.RESNEXT.STRIDE_IN_1X1, label
-    elif "detectron" in w:  # Detectron (v1) Caffe2 weights: BGR, mean only, BN fused (FrozenBN)
+    elif conv == "detectron1" or "detectron" in w:  # Detectron (v1) Caffe2: BGR, mean only, BN fused (FrozenBN)
         assert cfg.INPUT.FORMAT == "BGR", label
         assert cfg.MODEL.PIXEL_MEAN == pytest.approx(DETECTRON_BGR_MEAN), label
         assert cfg.MODEL.PIXEL_STD == pytest.approx([1.0, 1.0, 1.0]), label
@@ -565,7 +568,7 @@ def test_lazy_config_architecture(rel):
         assert cfg.train.init_checkpoint == "" and cfg.model.backbone.bottom_up.spec.freeze_at == 0
     else:
         depth, c, d = info["arch"]
-        assert f"X-{depth}-{c}x{d}d" in cfg.train.init_checkpoint
+        assert resolve_source(cfg.train.init_checkpoint).arch == f"X-{depth}-{c}x{d}d"
     if "schedule_x" in info:  # Nx = N x 90k iterations at 16 images
         images = cfg.train.max_iter * cfg.dataloader.train.total_batch_size
         assert images == info["schedule_x"] * 90000 * 16

@@ -3,10 +3,12 @@
 The recipe of ``mask_rcnn_X_50_32x4d_FPN_1x.py`` with the deeper, wider backbone and the 3x
 schedule: the LazyConfig counterpart of Detectron2's mask_rcnn_X_101_32x8d_FPN_3x.yaml.
 
-ImageNet weights: torchvision resnext101_32x8d IMAGENET1K_V1, converted once with::
+ImageNet weights: torchvision resnext101_32x8d IMAGENET1K_V1, named by ``train.init_checkpoint``:
+downloaded, checked and converted on first use, then cached (docs/weights.md). Offline,
+convert the file by hand and set ``train.init_checkpoint`` to the output::
 
     python tools/convert_pretrained.py resnext101_32x8d-8ba56ff5.pth \\
-        ImageNetPretrained/X-101-32x8d_torchvision.pth --arch X-101-32x8d
+        X-101-32x8d_torchvision.pth --arch X-101-32x8d
 
 PITFALL: Detectron2's own ImageNetPretrained/FAIR/X-101-32x8d.pkl is a Caffe2 model with
 another input convention: BGR, pixel_mean [103.530, 116.280, 123.675], pixel_std
@@ -26,4 +28,4 @@ model.backbone.bottom_up.spec.bottleneck_width = 8
 lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_3x
 train.max_iter = 270000
 
-train.init_checkpoint = "ImageNetPretrained/X-101-32x8d_torchvision.pth"
+train.init_checkpoint = "torchvision://resnext101_32x8d.IMAGENET1K_V1"

@@ -7,11 +7,12 @@ Train with::
     python tools/lazyconfig_train_net.py --num-gpus 8 \\
         --config-file configs/new_baselines/mask_rcnn_X_50_32x4d_FPN_1x.py
 
-ImageNet weights: torchvision resnext50_32x4d IMAGENET1K_V1, converted once (no download
-happens at training time) with::
+ImageNet weights: torchvision resnext50_32x4d IMAGENET1K_V1, named by ``train.init_checkpoint``:
+downloaded, checked and converted on first use, then cached (docs/weights.md). Offline,
+convert the file by hand and set ``train.init_checkpoint`` to the output::
 
     python tools/convert_pretrained.py resnext50_32x4d-7cdf4587.pth \\
-        ImageNetPretrained/X-50-32x4d_torchvision.pth --arch X-50-32x4d
+        X-50-32x4d_torchvision.pth --arch X-50-32x4d
 
 Input: RGB, ImageNet mean/std (torchvision's convention; Detectron2's common recipe uses BGR
 for MSRA weights, which these are not).
@@ -52,4 +53,4 @@ model.pixel_mean = [123.675, 116.28, 103.53]
 model.pixel_std = [58.395, 57.12, 57.375]
 dataloader.train.mapper.image_format = "RGB"  # the test mapper follows the train mapper
 
-train.init_checkpoint = "ImageNetPretrained/X-50-32x4d_torchvision.pth"
+train.init_checkpoint = "torchvision://resnext50_32x4d.IMAGENET1K_V1"
