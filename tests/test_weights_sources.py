@@ -1,0 +1,654 @@
+"""Weights from anywhere (issue #13): names resolved to the real public files,
+downloaded once, checked, converted and cached; detector checkpoints of other
+projects checked against the config.
+
+Offline: every file is made here and served by an HTTP server on 127.0.0.1 that
+the test starts and stops (``RESNEXT_DET_MIRROR`` points the named sources at
+it). References are independent of the code under test: the published URLs and
+hashes as written in torchvision / Detectron2 / facebookresearch/ResNeXt, the
+source networks (torchvision, timm), and Detectron2's own detector."""
+import contextlib
+import hashlib
+import http.server
+import io
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from detectron2 import model_zoo
+from detectron2.config import LazyConfig, get_cfg
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone import build_resnet_backbone
+from detectron2.layers import ShapeSpec
+
+from resnext_det import add_resnext_config
+from resnext_det.checkpoint import (
+    CONVENTIONS,
+    ResNeXtCheckpointer,
+    WeightsConfigError,
+    WeightsSourceError,
+    detector_convention,
+    fetch_weights,
+    resolve_source,
+)
+from resnext_det.checkpoint.sources import cached_paths
+
+from test_convert_pretrained import (
+    ROOT,
+    STAGES,
+    TOL,
+    detector_cfg,
+    detector_stages,
+    load_detector,
+    normalized_input,
+    randomize_bn,
+    rel_err,
+    run_tool,
+    tv_resnext,
+    tv_stages,
+    tv_to_caffe2_blobs,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The trunk of tv_resnext(): depth 26 ([2, 2, 2, 2]), C=4, d=4, torchvision widths.
+X26_LINES = [
+    ("MODEL.RESNEXT.PRESET", ""), ("MODEL.RESNEXT.STAGE_BLOCKS", [2, 2, 2, 2]),
+    ("MODEL.RESNEXT.CARDINALITY", 4), ("MODEL.RESNEXT.BOTTLENECK_WIDTH", 4),
+]
+RGB_LINES = [("INPUT.FORMAT", "RGB"), ("MODEL.PIXEL_MEAN", [123.675, 116.28, 103.53]),
+             ("MODEL.PIXEL_STD", [58.395, 57.12, 57.375])]
+FAIR_BGR_LINES = [("INPUT.FORMAT", "BGR"), ("MODEL.PIXEL_MEAN", [103.53, 116.28, 123.675]),
+                  ("MODEL.PIXEL_STD", [57.375, 57.12, 58.395])]
+
+
+# --------------------------------------------------------------------------
+# A file server on 127.0.0.1, started and stopped by the test
+# --------------------------------------------------------------------------
+class FileServer:
+    """Serves ``files`` ({path: bytes}) over HTTP on 127.0.0.1; counts GETs per
+    path. ``headers`` adds response headers per path; ``truncate`` paths send a
+    Content-Length of the whole file but close after half of it; ``delay_s``
+    slows every file down (sleep between 64 kB chunks). It stops itself after
+    ``lifetime_s`` in any case."""
+
+    def __init__(self, files, *, headers=None, truncate=(), delay_s=0.0, lifetime_s=300.0):
+        self.files, self.headers, self.truncate, self.delay_s = dict(files), headers or {}, set(truncate), delay_s
+        self.hits = {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                server.hits[path] = server.hits.get(path, 0) + 1
+                data = server.files.get(path)
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in server.headers.get(path, {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                body = data[: len(data) // 2] if path in server.truncate else data
+                for i in range(0, len(body), 1 << 16):
+                    self.wfile.write(body[i: i + (1 << 16)])
+                    if server.delay_s:
+                        time.sleep(server.delay_s)
+                if path in server.truncate:
+                    self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.timer = threading.Timer(lifetime_s, self.stop)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def stop(self):
+        self.timer.cancel()
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+            self.thread.join(timeout=5)
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve(monkeypatch, tmp_path):
+    """``serve(files, ...)`` -> a running FileServer that every named source
+    downloads from (the mirror), with an empty cache in ``tmp_path``."""
+    servers = []
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
+
+    def start(files, **kw):
+        s = FileServer(files, **kw)
+        monkeypatch.setenv("RESNEXT_DET_MIRROR", s.url)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def cache_files(tmp_path):
+    root = tmp_path / "cache"
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "locks" not in p.parts
+    ) if root.exists() else []
+
+
+def torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------
+# Names resolve to the real public files (no network)
+# --------------------------------------------------------------------------
+# As published by torchvision (models/resnet.py weights enums), Detectron2
+# (configs, ModelCatalog), timm (Hub ids) and facebookresearch/ResNeXt (README).
+PUBLISHED = {
+    "torchvision://resnext50_32x4d.IMAGENET1K_V1": "https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth",
+    "torchvision://resnext50_32x4d.IMAGENET1K_V2": "https://download.pytorch.org/models/resnext50_32x4d-1a0047aa.pth",
+    "torchvision://resnext101_32x8d.IMAGENET1K_V1": "https://download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth",
+    "torchvision://resnext101_32x8d": "https://download.pytorch.org/models/resnext101_32x8d-110c445d.pth",  # DEFAULT = V2
+    "torchvision://resnext101_64x4d.IMAGENET1K_V1": "https://download.pytorch.org/models/resnext101_64x4d-173b62eb.pth",
+    "torchvision://resnet50.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "torchvision://resnet101.IMAGENET1K_V1": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    "timm://resnext50_32x4d.a1h_in1k": "https://huggingface.co/timm/resnext50_32x4d.a1h_in1k/resolve/main/model.safetensors",
+    "timm://resnext101_32x8d.fb_wsl_ig1b_ft_in1k": "https://huggingface.co/timm/resnext101_32x8d.fb_wsl_ig1b_ft_in1k/resolve/main/model.safetensors",
+    "detectron2://ImageNetPretrained/FAIR/X-101-32x8d.pkl": "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/FAIR/X-101-32x8d.pkl",
+    "detectron2://ImageNetPretrained/MSRA/R-50.pkl": "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/MSRA/R-50.pkl",
+    "catalog://ImageNetPretrained/FAIR/X-152-32x8d-IN5k": "https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/25093814/X-152-32x8d-IN5k.pkl",
+    "catalog://ImageNetPretrained/FAIR/X-101-64x4d": "https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/FBResNeXt/X-101-64x4d.pkl",
+    "torch7://resnext_101_32x4d": "https://dl.fbaipublicfiles.com/resnext/imagenet_models/resnext_101_32x4d.t7",
+    "torch7://resnext_50_32x4d.t7": "https://dl.fbaipublicfiles.com/resnext/imagenet_models/resnext_50_32x4d.t7",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_names_resolve_to_the_published_urls(name):
+    src = resolve_source(name)
+    assert src.url == PUBLISHED[name]
+    if name.startswith("torchvision://"):  # torch.hub's rule: the name carries a sha256 prefix
+        assert src.sha256 == PUBLISHED[name].rsplit("-", 1)[1].split(".")[0]
+
+
+def test_known_conventions_of_named_sources():
+    # Caffe2 files do not say their convention; the name does.
+    fair = resolve_source("detectron2://ImageNetPretrained/FAIR/X-101-32x8d.pkl")
+    assert fair.convention == "fair" and CONVENTIONS["fair"][0].format == "BGR"
+    assert CONVENTIONS["fair"][0].pixel_std == (57.375, 57.12, 58.395)
+    assert resolve_source("detectron2://ImageNetPretrained/MSRA/R-50.pkl").convention == "msra"
+    assert resolve_source("catalog://ImageNetPretrained/FAIR/X-152-32x8d-IN5k").convention == "detectron1"
+    for name in ("torchvision://resnext50_32x4d", "timm://resnext50_32x4d.a1h_in1k", "torch7://resnext_101_64x4d"):
+        assert resolve_source(name).convention == "torchvision"
+
+
+@pytest.mark.parametrize("name,match", [
+    ("torchvision://resnext77_1x1d", "no model 'resnext77_1x1d'"),
+    ("torchvision://resnext50_32x4d.IMAGENET1K_V9", "has no 'IMAGENET1K_V9'"),
+    ("timm://resnext50_32x4d.no_such_tag", "no pretrained weights"),
+    ("torch7://resnext_152_64x4d", "the Torch7 release has"),
+    ("catalog://ImageNetPretrained/FAIR/X-999", "ModelCatalog names"),
+    ("https://example.com/a.pth#md5=00", "#sha256="),
+])
+def test_unknown_names_are_refused_in_one_line(name, match):
+    with pytest.raises(WeightsSourceError, match=match) as e:
+        resolve_source(name)
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------
+# Download once, convert with the converter, cache; then the cache only
+# --------------------------------------------------------------------------
+def test_first_use_downloads_converts_caches_and_second_use_reads_only_the_cache(serve, tmp_path, caplog):
+    from timm.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(3)
+    tm = randomize_bn(ResNet(block=Bottleneck, layers=[2, 2, 2, 2], cardinality=4, base_width=4), 3).eval()
+    data = safetensors_bytes({k: v.contiguous() for k, v in tm.state_dict().items()})
+    path = "/huggingface.co/timm/resnext50_32x4d.a1h_in1k/resolve/main/model.safetensors"
+    server = serve({path: data}, headers={path: {"X-Linked-Etag": f'"{sha256(data)}"'}})  # the Hub's sha256
+    name = "timm://resnext50_32x4d.a1h_in1k"
+    cfg = detector_cfg("FPN", [("MODEL.WEIGHTS", name), *X26_LINES, *RGB_LINES])
+    x = normalized_input(seed=5)
+    ref = tv_stages(tm, x)  # timm's own network
+
+    with caplog.at_level(logging.INFO, logger="resnext_det"):
+        ours = detector_stages(load_detector(cfg), x)
+    assert server.hits == {path: 1}
+    for s in STAGES:
+        assert rel_err(ours[s], ref[s]) < TOL, s
+    src = resolve_source(name)
+    paths = cached_paths(src, str(tmp_path / "cache"))
+    assert open(paths["download"], "rb").read() == data  # the published file, kept
+    ckpt = torch.load(paths["converted"], weights_only=True)
+    meta = ckpt["resnext_det"]
+    assert meta["input"]["format"] == "RGB" and meta["source"]["name"] == name
+    assert meta["source"]["url"] == PUBLISHED[name] and meta["source"]["sha256"] == sha256(data)
+    assert cache_files(tmp_path) == sorted(
+        ["downloads/huggingface/timm/resnext50_32x4d.a1h_in1k/model.safetensors",
+         "converted/huggingface/timm/resnext50_32x4d.a1h_in1k/model.pth"]
+    )
+    assert "downloading" in caplog.text and "converted" in caplog.text
+
+    server.stop()  # the second run: no network needed, nothing downloaded
+    ours = detector_stages(load_detector(cfg), x)
+    assert server.hits == {path: 1}
+    for s in STAGES:
+        assert rel_err(ours[s], ref[s]) < TOL, s
+
+
+def test_torch7_release_name_is_converted_on_the_fly(serve, tmp_path):
+    from test_weights_torch7 import resnext_t7_from_torchvision, write_t7
+
+    tv = tv_resnext(seed=6)
+    write_t7(tmp_path / "made.t7", resnext_t7_from_torchvision(tv))
+    path = "/dl.fbaipublicfiles.com/resnext/imagenet_models/resnext_101_32x4d.t7"
+    serve({path: (tmp_path / "made.t7").read_bytes()})
+    cfg = detector_cfg("C4", [("MODEL.WEIGHTS", "torch7://resnext_101_32x4d"), *X26_LINES, *RGB_LINES])
+    x = normalized_input(seed=2)
+    ours, ref = detector_stages(load_detector(cfg), x), tv_stages(tv, x)
+    for s in STAGES:
+        assert rel_err(ours[s], ref[s]) < TOL, s
+
+
+def test_detectron2_fair_name_records_bgr_and_is_checked_against_the_config(serve, tmp_path):
+    tv = tv_resnext(seed=7)
+    blobs = tv_to_caffe2_blobs(tv.state_dict())
+    path = "/dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/FAIR/X-101-32x8d.pkl"
+    serve({path: pickle.dumps({"blobs": blobs}, protocol=2)})
+    name = "detectron2://ImageNetPretrained/FAIR/X-101-32x8d.pkl"
+    # The shipped RGB base: refused, with the lines to set.
+    cfg = detector_cfg("FPN", [("MODEL.WEIGHTS", name), *X26_LINES])
+    with pytest.raises(WeightsConfigError) as e:
+        load_detector(cfg)
+    assert "INPUT.FORMAT BGR MODEL.PIXEL_MEAN [103.53, 116.28, 123.675] MODEL.PIXEL_STD [57.375, 57.12, 58.395]" in str(e.value)
+    # With them: the features of the source on the same (BGR) input.
+    cfg = detector_cfg("FPN", [("MODEL.WEIGHTS", name), *X26_LINES, *FAIR_BGR_LINES])
+    x = normalized_input(seed=4)
+    ours, ref = detector_stages(load_detector(cfg), x), tv_stages(tv, x)
+    for s in STAGES:
+        assert rel_err(ours[s], ref[s]) < TOL, s
+
+
+# --------------------------------------------------------------------------
+# Corrupt downloads never enter the cache
+# --------------------------------------------------------------------------
+def test_wrong_hash_truncated_and_non_weight_downloads_are_refused_and_leave_no_cache_entry(serve, tmp_path):
+    good = torch_bytes(tv_resnext(seed=1).state_dict())
+    tv_path = "/download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth"  # not the published bytes
+    hub = "/huggingface.co/timm/resnext50_32x4d.a1h_in1k/resolve/main/model.safetensors"
+    server = serve(
+        {tv_path: good, hub: good, "/w/cut.pth": good, "/w/page.pth": b"<html>Sign in to continue</html>",
+         "/w/good.pth": good},
+        headers={hub: {"X-Linked-Etag": '"' + "0" * 64 + '"'}},
+        truncate=["/w/cut.pth"],
+    )
+    cases = {
+        "torchvision://resnext50_32x4d.IMAGENET1K_V1": "publishes sha256 7cdf4587",
+        "timm://resnext50_32x4d.a1h_in1k": "X-Linked-Etag",
+        f"{server.url}/w/cut.pth": "ended after|broke off",
+        f"{server.url}/w/page.pth": "not a weight file",
+        f"{server.url}/w/good.pth#sha256={'ab' * 32}": "publishes sha256 abab",
+    }
+    for name, pattern in cases.items():
+        with pytest.raises(WeightsSourceError, match=pattern) as e:
+            fetch_weights(name, progress=False)
+        assert "\n" not in str(e.value) and "nothing was cached" in str(e.value).lower(), str(e.value)
+        assert cache_files(tmp_path) == [], (name, cache_files(tmp_path))
+    # The same file with its right hash is taken.
+    assert fetch_weights(f"{server.url}/w/good.pth#sha256={sha256(good)}", progress=False).endswith(".pth")
+    assert len(cache_files(tmp_path)) == 2
+
+
+def test_no_network_gives_one_line_naming_the_url_and_the_manual_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESNEXT_DET_MIRROR", f"http://127.0.0.1:{closed_port()}")
+    cfg = detector_cfg("FPN", [("MODEL.WEIGHTS", "torchvision://resnext101_32x8d.IMAGENET1K_V1"), *X26_LINES])
+    with pytest.raises(WeightsSourceError) as e:
+        load_detector(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth" in msg
+    assert "python tools/convert_pretrained.py resnext101_32x8d-8ba56ff5.pth X-101-32x8d.pth --arch X-101-32x8d" in msg
+    assert str(tmp_path / "cache" / "downloads" / "torchvision" / "resnext101_32x8d-8ba56ff5.pth") in msg
+    assert cache_files(tmp_path) == []
+
+
+def test_offline_a_file_put_into_the_cache_by_hand_is_converted(monkeypatch, tmp_path):
+    """The offline route the error message gives: the published file, placed in
+    downloads/, is hash-checked and converted without any network."""
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESNEXT_DET_MIRROR", f"http://127.0.0.1:{closed_port()}")
+    tv = tv_resnext(seed=8)
+    data = torch_bytes(tv.state_dict())
+    src = resolve_source(f"https://files.example.org/x26.pth#sha256={sha256(data)[:12]}")
+    dest = cached_paths(src)["download"]
+    os.makedirs(os.path.dirname(dest))
+    open(dest, "wb").write(data)
+    out = fetch_weights(src.name, progress=False)
+    assert torch.load(out, weights_only=True)["resnext_det"]["input"]["format"] == "RGB"
+    open(dest, "wb").write(data[:-1] + b"x")  # not the published bytes: refused, named
+    os.unlink(out)
+    with pytest.raises(WeightsSourceError, match="is not the published file.*delete it"):
+        fetch_weights(src.name, progress=False)
+
+
+_FETCH = """
+import logging, os, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+from resnext_det.checkpoint import fetch_weights
+open(sys.argv[2], "w").close()
+while not all(os.path.exists(p) for p in sys.argv[3:]):  # start together
+    time.sleep(0.01)
+print(fetch_weights(sys.argv[1], progress=False))
+"""
+
+
+def test_two_processes_starting_together_download_once(tmp_path):
+    data = torch_bytes(tv_resnext(seed=2).state_dict())
+    server = FileServer({"/w/x26.pth": data}, delay_s=1.5 / (len(data) >> 16))  # 1.5 s per download
+    try:
+        env = dict(os.environ, RESNEXT_DET_CACHE=str(tmp_path / "cache"), PYTHONPATH=ROOT)
+        ready = [str(tmp_path / f"ready{i}") for i in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _FETCH, f"{server.url}/w/x26.pth", ready[i], *ready],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+            )
+            for i in range(2)
+        ]
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        server.stop()
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    paths = {o[0].strip().splitlines()[-1] for o in outs}
+    assert len(paths) == 1 and os.path.isfile(paths.pop())
+    assert server.hits == {"/w/x26.pth": 1}
+    logs = [o[1] for o in outs]
+    assert sum(f": downloading {server.url}" in log for log in logs) == 1, logs
+    assert sum("another process is downloading or converting it; waiting" in log for log in logs) == 1, logs
+
+
+
+# --------------------------------------------------------------------------
+# The shipped configs name sources that the resolver knows
+# --------------------------------------------------------------------------
+def _shipped_weights():
+    out = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "configs")):
+        for f in sorted(files):
+            rel = os.path.relpath(os.path.join(dirpath, f), os.path.join(ROOT, "configs"))
+            if f.endswith(".yaml") and not f.startswith("Base-"):
+                cfg = get_cfg()
+                add_resnext_config(cfg)
+                cfg.merge_from_file(os.path.join(dirpath, f))
+                if cfg.MODEL.WEIGHTS and not rel.startswith("quickstart"):
+                    r = cfg.MODEL.RESNEXT
+                    out.append((rel, cfg.MODEL.WEIGHTS, r.PRESET, r.STRIDE_IN_1X1, cfg.INPUT.FORMAT,
+                                cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD))
+            elif f.endswith(".py"):
+                c = LazyConfig.load(os.path.join(dirpath, f))
+                if c.train.init_checkpoint:
+                    s = c.model.backbone.bottom_up.spec
+                    preset = {((3, 4, 6, 3), 32, 4): "X-50-32x4d", ((3, 4, 23, 3), 32, 8): "X-101-32x8d"}[
+                        (tuple(s.stage_blocks), s.cardinality, s.bottleneck_width)]
+                    out.append((rel, c.train.init_checkpoint, preset, s.stride_in_1x1, c.model.input_format,
+                                list(c.model.pixel_mean), list(c.model.pixel_std)))
+    return out
+
+
+SHIPPED = _shipped_weights()
+
+
+def test_every_shipped_zoo_config_names_a_source():
+    assert len(SHIPPED) > 60
+    assert all("://" in w for _, w, *_ in SHIPPED), [r for r, w, *_ in SHIPPED if "://" not in w]
+
+
+@pytest.mark.parametrize("rel,weights,preset,stride,fmt,mean,std", SHIPPED, ids=[s[0] for s in SHIPPED])
+def test_shipped_config_source_is_known_and_matches_the_config(rel, weights, preset, stride, fmt, mean, std):
+    src = resolve_source(weights)
+    assert src.url == PUBLISHED.get(weights, src.url)
+    assert src.arch == preset, (src.arch, preset)
+    inp, conv_stride = CONVENTIONS[src.convention]
+    assert (inp.format, bool(conv_stride)) == (fmt, bool(stride))
+    assert list(inp.pixel_mean) == pytest.approx(mean, abs=1e-3)
+    assert list(inp.pixel_std) == pytest.approx(std, abs=1e-3)
+
+
+def test_shipped_names_are_among_the_published_files():
+    assert {w for _, w, *_ in SHIPPED} <= set(PUBLISHED)
+
+
+# --------------------------------------------------------------------------
+# Detector checkpoints from other projects (Detectron2's model zoo)
+# --------------------------------------------------------------------------
+TINY_HEADS = [
+    "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 32, "MODEL.ROI_MASK_HEAD.CONV_DIM", 16,
+    "MODEL.ROI_HEADS.NUM_CLASSES", 20, "MODEL.DEVICE", "cpu", "MODEL.RPN.PRE_NMS_TOPK_TEST", 200,
+    "MODEL.RPN.POST_NMS_TOPK_TEST", 50, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "TEST.DETECTIONS_PER_IMAGE", 20,
+]
+
+
+@pytest.fixture(scope="module")
+def zoo_detector(tmp_path_factory):
+    """Detectron2's own mask_rcnn_X_101_32x8d_FPN_3x, tiny (depth 50, C=2, d=4),
+    random weights and FrozenBN statistics, saved as Detectron2's model zoo saves
+    its files (a pickle of numpy arrays with "__author__")."""
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x.yaml"))
+    cfg.merge_from_list([
+        "MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.NUM_GROUPS", 2, "MODEL.RESNETS.WIDTH_PER_GROUP", 4,
+        "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 32, *TINY_HEADS,
+    ])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+        # Heads with large weights: well separated scores, so that predictions are stable.
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("cls_score", "objectness_logits")):
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "weight" in name else 0.1))
+    d = tmp_path_factory.mktemp("zoo")
+    path = d / "model_final_tiny.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()},
+                     "__author__": "Detectron2 Model Zoo"}, f)
+    return cfg, model, path
+
+
+def our_detector_cfg(weights, *lines):
+    """Our shipped mask_rcnn_X_101_32x8d_FPN_3x.yaml (RGB) at the zoo detector's tiny sizes."""
+    cfg = get_cfg()
+    add_resnext_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "COCO-InstanceSegmentation", "mask_rcnn_X_101_32x8d_FPN_3x.yaml"))
+    cfg.merge_from_list([
+        "MODEL.RESNEXT.PRESET", "", "MODEL.RESNEXT.STAGE_BLOCKS", [3, 4, 6, 3], "MODEL.RESNEXT.CARDINALITY", 2,
+        "MODEL.RESNEXT.BOTTLENECK_WIDTH", 4, "MODEL.RESNEXT.STEM_OUT_CHANNELS", 16,
+        "MODEL.RESNEXT.RES2_OUT_CHANNELS", 32, *TINY_HEADS, "MODEL.WEIGHTS", str(weights),
+    ])
+    for k, v in lines:
+        cfg.merge_from_list([k, v])
+    return cfg
+
+
+@torch.no_grad()
+def predict(model, image):
+    h, w = image.shape[-2:]
+    return model([{"image": image, "height": h, "width": w}])[0]["instances"]
+
+
+def assert_same_predictions(a, b):
+    assert len(a) == len(b) > 0
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-3, rtol=0)
+    assert torch.allclose(a.scores, b.scores, atol=1e-5, rtol=0)
+    assert torch.allclose(a.pred_masks.float(), b.pred_masks.float(), atol=0) or (
+        (a.pred_masks != b.pred_masks).float().mean() < 1e-3
+    )
+
+
+@pytest.fixture(scope="module")
+def bgr_image():
+    return torch.randint(0, 256, (3, 96, 128), generator=torch.Generator().manual_seed(2)).float()
+
+
+def test_zoo_detector_into_rgb_config_is_refused_with_the_key_lines(zoo_detector):
+    _, _, path = zoo_detector
+    cfg = our_detector_cfg(path)
+    with pytest.raises(WeightsConfigError) as e:
+        ResNeXtCheckpointer(build_model(cfg).eval(), cfg=cfg, require="all").load(cfg.MODEL.WEIGHTS)
+    msg = str(e.value)
+    assert "INPUT.FORMAT: the weights were trained on BGR input, the config feeds RGB" in msg
+    assert "INPUT.FORMAT BGR MODEL.PIXEL_MEAN [103.53, 116.28, 123.675] MODEL.PIXEL_STD [57.375, 57.12, 58.395]" in msg
+    assert "--to-rgb" in msg
+
+
+def test_zoo_detector_with_the_printed_lines_predicts_as_detectron2(zoo_detector, bgr_image):
+    d2_cfg, d2_model, path = zoo_detector
+    cfg = our_detector_cfg(path, *FAIR_BGR_LINES)
+    model = build_model(cfg).eval()
+    ResNeXtCheckpointer(model, cfg=cfg, require="all").load(cfg.MODEL.WEIGHTS)
+    assert_same_predictions(predict(model, bgr_image), predict(d2_model, bgr_image))
+
+
+def test_zoo_detector_converted_to_rgb_loads_into_the_shipped_config_and_predicts_as_detectron2(
+    zoo_detector, bgr_image, tmp_path
+):
+    _, d2_model, path = zoo_detector
+    out = tmp_path / "mask_rcnn_rgb.pth"
+    p = run_tool(path, out, "--to-rgb", "--verify", "--verify-size", 64)
+    assert "--verify passed" in p.stdout and "INPUT.FORMAT" in p.stdout and "RGB" in p.stdout
+    cfg = our_detector_cfg(out)  # the shipped RGB convention, unchanged
+    model = build_model(cfg).eval()
+    ResNeXtCheckpointer(model, cfg=cfg, require="all").load(cfg.MODEL.WEIGHTS)
+    # Only the stem's input channels changed.
+    src = pickle.load(open(path, "rb"))["model"]
+    conv = torch.load(out, weights_only=True)["model"]
+    stem = "backbone.bottom_up.stem.conv1.weight"
+    assert torch.equal(conv[stem], torch.from_numpy(src[stem]).flip(1))
+    assert all(torch.equal(conv[k], torch.from_numpy(v)) for k, v in src.items() if k != stem)
+    # RGB in (the same image, channels reversed) gives Detectron2's predictions on BGR ...
+    ref = predict(d2_model, bgr_image)
+    assert_same_predictions(predict(model, bgr_image.flip(0)), ref)
+    # ... and the channel order matters: BGR into the RGB model predicts otherwise.
+    wrong = predict(model, bgr_image)
+    assert not torch.equal(wrong.pred_classes, ref.pred_classes)
+
+
+def test_detector_without_a_known_convention_loads_with_one_warning_line(zoo_detector, tmp_path, caplog):
+    _, _, path = zoo_detector
+    sd = pickle.load(open(path, "rb"))["model"]
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / "someones_model.pth")
+    cfg = our_detector_cfg(tmp_path / "someones_model.pth")
+    with caplog.at_level(logging.WARNING, logger="resnext_det"):
+        ResNeXtCheckpointer(build_model(cfg).eval(), cfg=cfg, require="all").load(cfg.MODEL.WEIGHTS)
+    lines = [r.getMessage() for r in caplog.records if "does not tell" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    for key in ("INPUT.FORMAT", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "MODEL.RESNEXT.STRIDE_IN_1X1"):
+        assert key in lines[0]
+
+
+@pytest.mark.parametrize("zoo_config", [
+    "COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x.yaml",
+    "COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x.yaml",
+    "Misc/cascade_mask_rcnn_X_152_32x8d_FPN_IN5k_gn_dconv.yaml",
+    "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml",
+    "Misc/mask_rcnn_R_50_FPN_3x_gn.yaml",
+])
+def test_zoo_convention_from_the_key_layout_is_detectron2s_config(zoo_config):
+    """What the file's author and trunk tell equals Detectron2's own config of that
+    model; for its ResNets, std and stride are reported unknown (they vary)."""
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(zoo_config))
+    cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False] * 4  # same tensors for the trunk's shapes
+    with torch.device("meta"):
+        trunk = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    sd = {f"backbone.bottom_up.{k}": v for k, v in trunk.state_dict().items()}
+    found = detector_convention(sd, {"__author__": "Detectron2 Model Zoo"})
+    assert found.format == cfg.INPUT.FORMAT
+    assert list(found.pixel_mean) == pytest.approx(cfg.MODEL.PIXEL_MEAN)
+    if cfg.MODEL.RESNETS.NUM_GROUPS > 1:
+        assert found.unknown_keys() == []
+        assert list(found.pixel_std) == pytest.approx(cfg.MODEL.PIXEL_STD)
+        assert found.stride_in_1x1 == cfg.MODEL.RESNETS.STRIDE_IN_1X1
+    else:
+        assert found.unknown_keys() == ["MODEL.PIXEL_STD", "MODEL.RESNEXT.STRIDE_IN_1X1"]
+
+
+# --------------------------------------------------------------------------
+# tools/train_net.py with a shipped config: from nothing, through its name
+# --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_net_starts_from_nothing_with_a_shipped_config(tmp_path):
+    """configs/COCO-Detection/faster_rcnn_X_101_32x4d_FPN_1x.yaml names
+    torch7://resnext_101_32x4d; with a mirror serving (a small stand-in for) the
+    release file, train_net downloads, converts and fine-tunes, once per cache;
+    without network it ends with one line naming the URL and the manual command."""
+    from test_weights_torch7 import resnext_t7_from_torchvision, write_t7
+    from test_weights_train_net import TINY
+
+    tv = tv_resnext(seed=9)
+    write_t7(tmp_path / "made.t7", resnext_t7_from_torchvision(tv))
+    path = "/dl.fbaipublicfiles.com/resnext/imagenet_models/resnext_101_32x4d.t7"
+    server = FileServer({path: (tmp_path / "made.t7").read_bytes()})
+    config = os.path.join(ROOT, "configs", "COCO-Detection", "faster_rcnn_X_101_32x4d_FPN_1x.yaml")
+    arch = [str(v) for kv in X26_LINES for v in kv]
+
+    def train(out, mirror):
+        env = dict(os.environ, PYTHONPATH=ROOT, RESNEXT_DET_CACHE=str(tmp_path / "cache"), RESNEXT_DET_MIRROR=mirror)
+        return subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config,
+             *TINY, *arch, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out)],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,
+        )
+
+    try:
+        offline = train(tmp_path / "run0", f"http://127.0.0.1:{closed_port()}")
+        p = train(tmp_path / "run1", server.url)
+    finally:
+        server.stop()
+    assert offline.returncode == 2, offline.stderr[-3000:]
+    last = offline.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_net.py: error: MODEL.WEIGHTS = 'torch7://resnext_101_32x4d': cannot download")
+    assert "resnext_101_32x4d.t7" in last and "tools/convert_pretrained.py resnext_101_32x4d.t7" in last
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert server.hits == {path: 1}
+    log = (tmp_path / "run1" / "log.txt").read_text()
+    assert "Loaded all" in log and "torch7://resnext_101_32x4d" in log
+    final = torch.load(tmp_path / "run1" / "model_final.pth", weights_only=True)
+    assert torch.equal(final["model"]["backbone.bottom_up.stem.conv1.weight"], tv.state_dict()["conv1.weight"])
