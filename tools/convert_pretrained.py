@@ -180,10 +180,8 @@ def run(args: argparse.Namespace) -> int:
     for k, v in zip(opts[0::2], opts[1::2]):
         print(f"  {k.ljust(width)}  {v}")
     print("\nor append them to a command line:")
-    print(
-        "  python tools/train_net.py --config-file configs/Base-ResNeXt-FPN.yaml \\\n    "
-        + " ".join(shlex.quote(o) for o in opts)
-    )
+    config = "<the detector's config>.yaml" if meta.kind == "detector" else "configs/Base-ResNeXt-FPN.yaml"
+    print(f"  python tools/train_net.py --config-file {config} \\\n    " + " ".join(shlex.quote(o) for o in opts))
     if args.config_out:
         header = (
             f"Written by tools/convert_pretrained.py from {os.path.basename(args.input)} ({result.format}).\n"
