@@ -329,6 +329,14 @@ def test_wrong_hash_truncated_and_non_weight_downloads_are_refused_and_leave_no_
     assert len(cache_files(tmp_path)) == 2
 
 
+def test_caffe2_file_whose_convention_the_name_does_not_give_is_refused(serve, tmp_path):
+    blobs = tv_to_caffe2_blobs(tv_resnext(seed=3).state_dict())
+    server = serve({"/w/X-26.pkl": pickle.dumps({"blobs": blobs}, protocol=2)})
+    with pytest.raises(WeightsSourceError, match="--convention fair.*tools/convert_pretrained.py") as e:
+        fetch_weights(f"{server.url}/w/X-26.pkl", progress=False)
+    assert "\n" not in str(e.value) and cache_files(tmp_path) == []
+
+
 def test_no_network_gives_one_line_naming_the_url_and_the_manual_command(monkeypatch, tmp_path):
     monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RESNEXT_DET_MIRROR", f"http://127.0.0.1:{closed_port()}")

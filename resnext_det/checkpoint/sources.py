@@ -539,7 +539,10 @@ def _install(
             progress=progress, source=data,
         )
     except ConversionError as e:
-        raise WeightsSourceError(f"{what}: cannot convert {origin}: {e}") from None
+        raise WeightsSourceError(
+            f"{what}: cannot convert {origin}: {e} (a name cannot carry these options: convert the "
+            "file with tools/convert_pretrained.py and set MODEL.WEIGHTS to its output)"
+        ) from None
     record = dict(result.metadata.source or {}, name=src.name, url=src.url)
     result = dataclasses.replace(result, metadata=dataclasses.replace(result.metadata, source=record))
     save_converted(result, paths["converted"])
