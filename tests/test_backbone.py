@@ -157,11 +157,16 @@ def test_form_c_equals_detectron2_builtin_resnext(stride_in_1x1):
     assert ours.output_shape() == builtin.output_shape()
 
 
-def test_res5_head_matches_detectron2_res5_head():
-    cfg = make_cfg(DEPTH=50, CARDINALITY=4, BOTTLENECK_WIDTH=8, NORM="BN")
+@pytest.mark.parametrize("res5_dilation", [1, 2])
+def test_res5_head_matches_detectron2_res5_head(res5_dilation):
+    """The C4 head's res5 is Detectron2's: stride 2 in its first block, no dilation, whatever
+    RES5_DILATION says (that key is for trunks that compute res5, e.g. DeepLab-style; the head
+    pools res4 at stride 16 and must reach 32). A 14x14 RoI feature comes out 7x7."""
+    cfg = make_cfg(DEPTH=50, CARDINALITY=4, BOTTLENECK_WIDTH=8, NORM="BN", RES5_DILATION=res5_dilation)
     cfg.MODEL.RESNETS.NUM_GROUPS, cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 4, 8
     cfg.MODEL.RESNETS.NORM = "BN"
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False  # Detectron2's default is True (MSRA weights)
+    cfg.MODEL.RESNETS.RES5_DILATION = res5_dilation  # which Detectron2's head does not read
     ours, ch = ResNeXtRes5ROIHeads._build_res5_block(cfg)
     ref, ch_ref = Res5ROIHeads._build_res5_block(cfg)
     assert ch == ch_ref == 2048
@@ -170,7 +175,9 @@ def test_res5_head_matches_detectron2_res5_head():
     ours.eval()
     x = torch.randn(3, 1024, 14, 14)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+        y = ours(x)
+        assert y.shape == (3, 2048, 7, 7)
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_models_register_with_detectron2():
