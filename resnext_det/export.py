@@ -41,22 +41,30 @@ import copy
 import json
 import logging
 import os
+import sys
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+import detectron2.data.transforms as T
 from detectron2.layers import ROIAlign, move_device_like
 from detectron2.modeling import GeneralizedRCNN, RetinaNet
 from detectron2.modeling.roi_heads import CascadeROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 
-from .errors import MissingFileError, UserError
+from .data.shapes import ensure_shapes, shapes_image_root
+from .engine import Trainer, setup_cfg
+from .errors import ConfigError, MissingFileError, UserError
+from .fast import AutocastInference, FastROIAlign, fold_frozen_bn, prepare_for_inference
 from .inference import build_inference_model, resolve_weights
+from .unshared import UnsharedRCNN
 from .utils.io import atomic_write, atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -253,8 +261,6 @@ class _MaskOutputs(nn.Module):
 
 
 def _meta_arch(model: nn.Module) -> str:
-    from .unshared import UnsharedRCNN
-
     if isinstance(model, UnsharedRCNN):
         return "UnsharedRCNN"
     if isinstance(model, GeneralizedRCNN):
@@ -305,10 +311,6 @@ def detector_adapter(model: nn.Module) -> nn.Module:
 def sample_image(index: int = 0) -> np.ndarray:
     """An image of the bundled shapes set (``shapes_val``, generated on first use):
     uint8 (H, W, 3) RGB."""
-    import cv2
-
-    from .data.shapes import ensure_shapes, shapes_image_root
-
     folder = shapes_image_root("val", ensure_shapes())
     names = sorted(f for f in os.listdir(folder) if f.endswith(".jpg"))
     return cv2.imread(os.path.join(folder, names[index]))[:, :, ::-1].copy()
@@ -326,10 +328,8 @@ def preprocess(cfg, image_rgb: np.ndarray) -> Tensor:
     """The model input for an RGB uint8 image, as ``DefaultPredictor`` makes it:
     ``INPUT.FORMAT`` channel order, ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``,
     float32 (3, H, W)."""
-    import detectron2.data.transforms as T
-
     if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
-        raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' to export, got {cfg.INPUT.FORMAT!r}.")
+        raise ConfigError(f"INPUT.FORMAT must be 'RGB' or 'BGR' to export, got {cfg.INPUT.FORMAT!r}.")
     image = image_rgb if cfg.INPUT.FORMAT == "RGB" else image_rgb[:, :, ::-1]
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
     image = aug.get_transform(image).apply_image(np.ascontiguousarray(image))
@@ -347,9 +347,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _where(e: BaseException) -> str:
-    """``package/module.py:line`` of the innermost frame in detectron2, torch or resnext_det."""
-    import traceback
-
+    """``package/module.py:line`` of the innermost frame in detectron2 or resnext_det."""
     frames = traceback.extract_tb(e.__traceback__)
     for fr in reversed(frames):
         for pkg in ("detectron2", "resnext_det"):
@@ -368,6 +366,9 @@ def _quiet_export():
         warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # indices there are never negative (verified against eager); meshgrid: Detectron2's call
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        warnings.filterwarnings("ignore", message="torch.meshgrid")
         yield
 
 
@@ -424,6 +425,12 @@ def _refuse(model: nn.Module, kind: str, format: str, method: str, opset: int) -
         raise ExportError(f"--format {format!r}: choose one of {list(FORMATS)}")
     if method not in METHODS:
         raise ExportError(f"--export-method {method!r}: choose one of {list(METHODS)}")
+    if isinstance(model, AutocastInference) or any(isinstance(m, FastROIAlign) for m in model.modules()):
+        raise ExportError(
+            "the model runs under autocast or with the sparse CPU ROIAlign (SOLVER.AMP.ENABLED, "
+            "MODEL.RESNEXT.FAST_ROI_ALIGN): build it from export_config(cfg), which exports fp32 "
+            "with Detectron2's ROIAlign"
+        )
     if format == "torchscript" and method == "torch_export":
         raise ExportError(
             "--export-method torch_export writes ONNX only (a torch.export program is not "
@@ -518,9 +525,9 @@ def export_model(
     if model.training:
         raise ExportError("the model is in training mode: export it in eval mode (model.eval())")
     kind = _meta_arch(model)
+    _refuse(model, kind, format, method, opset)
     adapter = detector_adapter(model)
     names = output_names(model)
-    _refuse(model, kind, format, method, opset)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, _EXT[format])
     start = time.perf_counter()
@@ -596,8 +603,6 @@ def _export_onnx_tracing(adapter, image, path, names, opset):
 @contextlib.contextmanager
 def _stderr_to(path: str):
     """Standard error (Python's and the process's file descriptor 2) into ``path``."""
-    import sys
-
     sys.stderr.flush()
     saved = os.dup(2)
     with open(path, "w") as f, contextlib.redirect_stderr(f):
@@ -809,7 +814,7 @@ def benchmark_latency(
     *,
     short_sides: Sequence[int] = (800, 320),
     repeats: int = 3,
-    warmup: int = 1,
+    warmup: int = 2,
     work_dir: str,
     image: Optional[np.ndarray] = None,
 ) -> List[Dict[str, object]]:
@@ -823,9 +828,6 @@ def benchmark_latency(
     Returns one row per (short side, runtime): ``{"short_side", "input", "runtime",
     "seconds"}`` (median of ``repeats``).
     """
-    from .engine import Trainer
-    from .fast import prepare_for_inference
-
     threads = torch.get_num_threads()
     image = sample_image() if image is None else image
     # A landscape image, as photos are: 4:3.
@@ -856,34 +858,36 @@ def benchmark_latency(
     folded_cfg = export_config(variant(CHANNELS_LAST=False, FAST_ROI_ALIGN=False, FOLD_FROZEN_BN=True, AMP=False))
     folded = Trainer.build_model(folded_cfg).eval()
     folded.load_state_dict(state)
-    from .fast import fold_frozen_bn
-
     folded = fold_frozen_bn(folded)
 
-    rows = []
-    for side in short_sides:
+    def model_input(side: int) -> Tensor:
         c = plain.clone()
         c.defrost()
         c.INPUT.MIN_SIZE_TEST = side
         c.INPUT.MAX_SIZE_TEST = max(c.INPUT.MAX_SIZE_TEST, side * 2)
-        x = preprocess(c, image)
+        return preprocess(c, image)
+
+    # One export of each kind serves every size (the exports take any H, W: verified).
+    first = model_input(short_sides[0])
+    ts_dir, onnx_dir = os.path.join(work_dir, "torchscript"), os.path.join(work_dir, "onnx")
+    export_model(folded, first, ts_dir, format="torchscript", method="tracing")
+    export_model(folded, first, onnx_dir, format="onnx", method="tracing")
+    run_ts = load_exported(os.path.join(ts_dir, "model.ts"))
+    run_onnx = load_exported(os.path.join(onnx_dir, "model.onnx"), threads=threads)
+    rows = []
+    for side in short_sides:
+        x = model_input(side)
         shape = "x".join(str(s) for s in x.shape[1:])
-        ts_dir = os.path.join(work_dir, f"ts_{side}")
-        onnx_dir = os.path.join(work_dir, f"onnx_{side}")
-        export_model(folded, x, ts_dir, format="torchscript", method="tracing")
-        export_model(folded, x, onnx_dir, format="onnx", method="tracing")
         runs = {
             "eager fp32": lambda: eager([{"image": x}]),
             "fast path": lambda: fast_model([{"image": x}]),
-            "TorchScript (traced, folded)": (lambda r: lambda: r(x))(load_exported(os.path.join(ts_dir, "model.ts"))),
-            "onnxruntime (folded)": (lambda r: lambda: r(x))(
-                load_exported(os.path.join(onnx_dir, "model.onnx"), threads=threads)
-            ),
+            "TorchScript (traced, folded)": lambda: run_ts(x),
+            "onnxruntime (folded)": lambda: run_onnx(x),
         }
         for name, fn in runs.items():
             with torch.no_grad():
                 sec = _time(fn, repeats=repeats, warmup=warmup)
-            rows.append({"short_side": side, "input": shape, "runtime": name, "seconds": sec})
+            rows.append({"short_side": side, "input": shape, "runtime": name, "seconds": sec, "threads": threads})
             logger.info("latency %s %s: %.3f s", shape, name, sec)
     return rows
 
@@ -908,8 +912,6 @@ def benchmark_table(rows: Sequence[Dict[str, object]]) -> List[str]:
 
 # ------------------------------------------------------------------------------ the tool
 def _read_image(path: str) -> np.ndarray:
-    import cv2
-
     if not os.path.isfile(path):
         raise MissingFileError(f"--sample-image {path!r} does not exist")
     image = cv2.imread(path, cv2.IMREAD_COLOR)
@@ -937,8 +939,6 @@ def run_export(
     status: 0, or 1 when ``verify`` finds the exported model differs from the eager
     one past :data:`TOLERANCES`. User errors (config, weights, refused
     combinations) raise :class:`~resnext_det.errors.UserError`."""
-    from .engine import setup_cfg
-
     cfg = setup_cfg(config_file, opts)
     image = _read_image(sample_image_file) if sample_image_file else sample_image()
     if benchmark:
