@@ -47,14 +47,61 @@ def _dicts(name):
     return DatasetCatalog.get(name)
 
 
+class _NoJitter:
+    """A stand-in for ``np.random.Generator`` in ``ShapeCrops.sample``: never background
+    (``random`` is above any background fraction below 0.99), object ``k`` (``integers``),
+    ``uniform`` at the middle of its range (no jitter; context lo == hi). The flip and the
+    90-degree rotation stay whatever they come out: the checks below do not depend on them."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def random(self):
+        return 0.99
+
+    def integers(self, n):
+        return self.k % n
+
+    def uniform(self, lo, hi):
+        return (lo + hi) / 2
+
+
+def _dihedral(a: np.ndarray):
+    """The 8 flips/rotations of an (H, W, C) array."""
+    for b in (a, a[:, ::-1]):
+        for k in range(4):
+            yield np.rot90(b, k)
+
+
 def test_object_crops_are_centred_on_their_labelled_object(shapes):
-    """With no jitter or background, each crop's centre pixel lies inside the box
-    of the object whose class it is labelled with (checked on the source image,
-    with the crop's known geometry), and background crops avoid every box."""
+    """Without jitter, the centre of object k's crop is the centre of object k's box, and the crop
+    is labelled with that object's class: read on a coordinate image (pixel value = its own x
+    and y; bilinear resampling of a linear ramp returns the coordinate it samples), against the
+    boxes and classes of the dataset's annotations, in their order. Background crops avoid
+    every box."""
     dicts = _dicts("pt_train")
     data = ShapeCrops(dicts, size=32, background_fraction=0.0, context=(1.5, 1.5))
-    n_obj = sum(len(d["annotations"]) for d in dicts)
-    assert len(data.objects) == n_obj
+    anns = [(i, a) for i, d in enumerate(dicts) for a in d["annotations"]]
+    assert len(data.objects) == len(anns)
+    h, w = data.images[0].shape[:2]
+    assert h <= 256 and w <= 256  # coordinates fit in uint8
+    yy, xx = np.mgrid[0:h, 0:w]
+    coords = np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
+    data.images = [coords] * len(data.images)
+    for k, (i, a) in enumerate(anns):
+        x, y, bw, bh = a["bbox"]
+        crops, labels = data.sample(1, _NoJitter(k))
+        assert labels[0] == a["category_id"], k
+        # The crop's geometry, by hand: side 1.5 x the longer box side, scale s = 32 / side;
+        # OpenCV's warp maps crop pixel j to source pixel c + (j - 16) / s, so crop pixels 15
+        # and 16 sample c - 1/s and c: mean c - 0.5/s, the same after any flip or rotation.
+        s = 32 / (1.5 * max(bw, bh))
+        got = crops[0, 15:17, 15:17, :2].astype(np.float64).mean((0, 1))
+        want = np.array([x + bw / 2, y + bh / 2]) - 0.5 / s
+        assert np.abs(got - want).max() <= 0.6, (k, got, want, a["bbox"])  # uint8 rounding
+        assert x <= got[0] <= x + bw and y <= got[1] <= y + bh
+
+    data = ShapeCrops(dicts, size=32, background_fraction=0.0, context=(1.5, 1.5))
     crops, labels = data.sample(64, np.random.default_rng(0))
     assert crops.shape == (64, 32, 32, 3) and crops.dtype == np.uint8
     assert set(labels.tolist()) <= {0, 1, 2}
@@ -79,6 +126,34 @@ def test_object_crops_are_centred_on_their_labelled_object(shapes):
     assert found > 10
     _, bl = bg.sample(32, np.random.default_rng(2))
     assert (bl == CROP_CLASSES.index("background")).mean() > 0.8
+
+
+def test_crops_are_rgb_squares_around_the_box_centre(tmp_path, shapes):
+    """Pixels against independent references: the images are read as Detectron2's
+    ``read_image(format="RGB")`` reads them, and a crop of an object whose longer side is the
+    crop size (scale 1, no jitter) is, up to a flip/rotation, the square sub-array around the
+    box centre, cut by hand from an image written here in known RGB."""
+    from detectron2.data.detection_utils import read_image
+    from PIL import Image
+
+    for d, img in zip(_dicts("pt_train"), ShapeCrops(_dicts("pt_train"), size=32, background_fraction=0.0,
+                                                     context=(1.5, 1.5)).images):  # fmt: skip
+        np.testing.assert_array_equal(img, read_image(d["file_name"], format="RGB"))
+
+    rgb = np.random.default_rng(0).integers(0, 256, (200, 240, 3), dtype=np.uint8)
+    path = str(tmp_path / "hand.png")
+    Image.fromarray(rgb, "RGB").save(path)
+    # XYWH boxes, longer side 32: centres (56, 32) and (128, 166); not square, so that x and y
+    # (and x0/x1, y0/y1) mixed up give other pixels.
+    boxes = {0: [40, 20, 32, 24], 1: [120, 150, 16, 32]}
+    want = {0: rgb[16:48, 40:72], 1: rgb[150:182, 112:144]}
+    d = {"file_name": path, "height": 200, "width": 240, "image_id": 0,
+         "annotations": [{"bbox": b, "bbox_mode": 1, "category_id": c} for c, b in boxes.items()]}  # fmt: skip
+    data = ShapeCrops([d], size=32, background_fraction=0.0, context=(1.0, 1.0))
+    for k in boxes:
+        crops, labels = data.sample(1, _NoJitter(k))
+        assert labels[0] == k
+        assert any(np.array_equal(crops[0], v) for v in _dihedral(want[k])), k
 
 
 def test_raw_coco_ids_are_refused(shapes):
