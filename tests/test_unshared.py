@@ -53,7 +53,8 @@ from resnext_det.unshared import (
     run_schedule,
     stage_configs,
 )
-from resnext_det.unshared.schedule import _plan
+from resnext_det.unshared.proposals import proposal_file_meta
+from resnext_det.unshared.schedule import _broken_outputs, _plan, _stage_proposals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DET = os.path.join(ROOT, "configs", "COCO-Detection")
@@ -252,7 +253,10 @@ def test_shipped_configs_hold_the_papers_numbers(name):
     preset = resnext_det.PRESETS[cfg.MODEL.RESNEXT.PRESET]
     assert (preset.depth, preset.cardinality, preset.bottleneck_width) == (depth, c, d)
     assert TABLE8[(depth, c, d)]["AP50"] == ap50 and TABLE8[(depth, c, d)]["AP"] == ap
-    assert cfg.MODEL.WEIGHTS.startswith("ImageNetPretrained/")  # both stages: ImageNet-1K
+    # Both stages start from ImageNet-1K weights of the config's architecture (by name: downloaded
+    # and converted on first use), which the source publishes a top-1 for.
+    src = resnext_det.checkpoint.resolve_source(cfg.MODEL.WEIGHTS)
+    assert src.arch == cfg.MODEL.RESNEXT.PRESET and src.top1 is not None
     cfgs = stage_configs(cfg)
 
     for stage, paper, meta in (("rpn", PAPER_RPN, "ProposalNetwork"),
@@ -697,6 +701,48 @@ def test_stage_flag_reruns_one_stage_only(one_process, tmp_path):
     assert _bbox(res, "stored_proposals")["AP"] == pytest.approx(
         _bbox(before["eval"]["results"], "stored_proposals")["AP"], abs=1e-6
     )
+
+
+def test_stale_proposals_are_made_again_when_a_key_that_changes_them_changed(one_process, tmp_path, caplog):
+    """Killed after stage 2 wrote the training proposals, rerun with another RPN NMS threshold:
+    the training proposals (made with 0.7) must not be kept beside validation ones made with
+    0.5. Before, only the RPN weights' path and time identified them."""
+    out = str(tmp_path / "copy")
+    shutil.copytree(one_process["out"], out)
+    cfg = tiny_cfg(out)
+    cfgs = stage_configs(cfg)
+    train_file = cfgs["fast_rcnn"].DATASETS.PROPOSAL_FILES_TRAIN[0]
+    assert proposal_file_meta(train_file)["MODEL.RPN.NMS_THRESH"] == 0.7
+    before = _sha1(train_file)
+    # Unchanged config: the finished files are recognised and kept (no recomputation).
+    with caplog.at_level("INFO", logger="resnext_det"):
+        _stage_proposals(cfg, cfgs, False)
+    assert _sha1(train_file) == before and "exists (written by an interrupted run)" in caplog.text
+    caplog.clear()
+    cfg5 = tiny_cfg(out, "MODEL.RPN.NMS_THRESH", "0.5")
+    with caplog.at_level("WARNING", logger="resnext_det"):
+        _stage_proposals(cfg5, stage_configs(cfg5), False)
+    assert proposal_file_meta(train_file)["MODEL.RPN.NMS_THRESH"] == 0.5
+    assert "MODEL.RPN.NMS_THRESH" in caplog.text and "making them again" in caplog.text
+    # The RPN weights are identified by their bytes: a retrained RPN at the same path and
+    # time would not pass as the old one.
+    assert len(proposal_file_meta(train_file)["rpn_weights_sha256"]) == 64
+
+
+def test_a_finished_stage_counts_only_when_its_outputs_load(one_process, tmp_path):
+    out = str(tmp_path / "copy")
+    shutil.copytree(one_process["out"], out)
+    cfg = tiny_cfg(out)
+    cfgs = stage_configs(cfg)
+    assert all(_broken_outputs(cfg, cfgs, s) is None for s in STAGE_DIRS)
+    final = os.path.join(out, STAGE_DIRS["rpn"], "model_final.pth")
+    with open(final, "rb") as f:
+        head = f.read(4096)
+    with open(final, "wb") as f:
+        f.write(head)  # what a non-atomic writer killed half way left
+    assert _broken_outputs(cfg, cfgs, "rpn") == final
+    os.remove(os.path.join(out, STAGE_DIRS["eval"], "results.json"))
+    assert _broken_outputs(cfg, cfgs, "eval").endswith("results.json")
 
 
 def test_stage4_evaluates_the_model_eval_only_evaluates(one_process, tmp_path):

@@ -32,7 +32,17 @@ from .metadata import (
     check_weights_against_config,
     metadata_from_model,
 )
-from .readers import _READ_ERRORS, CheckpointReadError, describe_read_failure, key_family
+from ..utils.io import atomic_write, atomic_write_text
+from .convert import detector_convention
+from .readers import (
+    _READ_ERRORS,
+    CheckpointReadError,
+    describe_read_failure,
+    key_family,
+    safe_pickle_load,
+    torch_load_weights,
+)
+from .sources import fetch_weights, is_source_name
 from ..errors import ConfigError, MissingFileError
 
 __all__ = [
@@ -140,33 +150,109 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
     # -- entry points --------------------------------------------------------
     def resume_or_load(self, path: str, *, resume: bool = True):
         """Resume from ``save_dir``'s last checkpoint as Detectron2 does, or load
-        ``path`` strictly."""
-        self._validate = not (resume and self.has_checkpoint())
+        ``path`` strictly. A ``last_checkpoint`` that names a missing or unreadable
+        file (written by a version that did not write atomically, a disk that filled
+        up, a file deleted by hand) falls back to the newest complete checkpoint of
+        ``save_dir``, with a warning; with none, a one-line error says what to do."""
+        if not (resume and self.has_checkpoint()):
+            return self.load(path, checkpointables=[])
+        self._validate = False
         try:
-            return super().resume_or_load(path, resume=resume)
+            for candidate in self._resume_candidates():
+                try:
+                    return self.load(candidate)
+                except CheckpointReadError as e:
+                    logger.warning("Cannot resume from %s (%s); trying an older checkpoint.", candidate, e)
+            raise CheckpointReadError(
+                f"--resume: no complete checkpoint in {self.save_dir!r} (last_checkpoint names "
+                f"{self._last_name()!r}). Delete {os.path.join(self.save_dir, 'last_checkpoint')} "
+                "to start over from MODEL.WEIGHTS, or point OUTPUT_DIR elsewhere."
+            )
         finally:
             self._validate = True
 
+    def _last_name(self) -> str:
+        try:
+            with open(os.path.join(self.save_dir, "last_checkpoint")) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    def _resume_candidates(self) -> List[str]:
+        """The file ``last_checkpoint`` names, then the other ``model_*.pth`` of
+        ``save_dir``, newest iteration first."""
+        out = []
+        last = self._last_name()
+        if last and os.path.isfile(os.path.join(self.save_dir, last)):
+            out.append(os.path.join(self.save_dir, last))
+        others = sorted(
+            (f for f in os.listdir(self.save_dir) if re.fullmatch(r"model_(\d+|final)\.pth", f)),
+            key=lambda f: (f == "model_final.pth", f),
+            reverse=True,
+        )
+        out += [os.path.join(self.save_dir, f) for f in others if os.path.join(self.save_dir, f) not in out]
+        return out
+
     def load(self, path: str, checkpointables=None):
+        name = path
+        if is_source_name(path):  # torchvision://, timm://, ...: downloaded once, converted, cached
+            path = fetch_weights(path)
         if path and "://" not in path and not os.path.isfile(path):
             raise MissingFileError(
                 f"MODEL.WEIGHTS = {path!r}: no such file. Point MODEL.WEIGHTS at a backbone "
                 "converted by tools/convert_pretrained.py or at a detector checkpoint "
                 "(model_final.pth), or set MODEL.WEIGHTS '' to train from scratch."
             )
-        self._path = path
-        return super().load(path, checkpointables)
+        self._path = name
+        try:
+            return super().load(path, checkpointables)
+        finally:
+            # Detectron2 resets it only when loading succeeds: a failed load would make
+            # every later load of this checkpointer (the resume fallback) assert.
+            self._parsed_url_during_load = None
 
-    # -- reading -------------------------------------------------------------
+    # -- writing: whole or not at all -----------------------------------------
+    def save(self, name: str, **kwargs) -> None:
+        """As Detectron2's ``save``, but the file is written to a temporary name,
+        ``fsync``-ed and renamed (a kill or a full disk never leaves a truncated
+        ``model_final.pth``), then tagged in ``last_checkpoint``, also atomically."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
+
+    # -- reading: no file runs code ------------------------------------------
     def _load_file(self, filename: str):
         what = f"MODEL.WEIGHTS = {self._path or filename!r}"
         try:
-            data = super()._load_file(filename)
+            if filename.endswith(".pkl"):
+                data = _detectron_pickle(safe_pickle_load(filename, what=what))
+            elif filename.endswith(".pyth"):
+                data = self._torch_load(filename)
+                data = {"model": data.get("model_state", data), "__author__": "pycls", "matching_heuristics": True}
+            else:
+                data = super()._load_file(filename)
+        except CheckpointReadError:
+            raise
         except _READ_ERRORS as e:
             raise CheckpointReadError(describe_read_failure(filename, e, what=what)) from e
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             raise CheckpointReadError(f"{what} is not a checkpoint: it holds no dict of weights")
         return data
+
+    def _torch_load(self, f: str):
+        """No code runs: see :func:`~resnext_det.checkpoint.readers.torch_load_weights`."""
+        return torch_load_weights(f)
 
     # -- loading -------------------------------------------------------------
     def _load_model(self, checkpoint):
@@ -183,6 +269,11 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
         kind = classify_checkpoint(sd)
         meta = checkpoint.get(METADATA_KEY)
         meta = WeightsMetadata.from_dict(meta) if isinstance(meta, dict) else None
+        if meta is None and kind == "detector":  # another project's: what its file tells
+            found = detector_convention(sd, checkpoint)
+            meta = found.metadata(assume=metadata_from_model(self.model, self.cfg))
+            if found.unknown_keys():
+                logger.warning(found.warning(what))
 
         if kind in ("torchvision", "caffe2"):
             raise WeightsConfigError(
@@ -245,11 +336,8 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
 
     def _check_required(self, model_sd, provided, required, what: str, *, backbone: bool) -> None:
         missing = [k for k in required if k not in provided]
-        shapes = [
-            f"{k}: {tuple(provided[k].shape)} in the file, {tuple(model_sd[k].shape)} in the model"
-            for k in required
-            if k in provided and tuple(provided[k].shape) != tuple(model_sd[k].shape)
-        ]
+        other = [k for k in required if k in provided and tuple(provided[k].shape) != tuple(model_sd[k].shape)]
+        shapes = [f"{k}: {tuple(provided[k].shape)} in the file, {tuple(model_sd[k].shape)} in the model" for k in other]
         if not missing and not shapes:
             return
         parts = []
@@ -257,9 +345,8 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
             parts.append(f"{len(missing)} are not in the file, e.g. {missing[:6]}")
         if shapes:
             parts.append(
-                f"{len(shapes)} have another shape, e.g. {shapes[:3]}: the file holds another "
-                "architecture than the config builds (MODEL.RESNEXT.PRESET / DEPTH / CARDINALITY / "
-                "BOTTLENECK_WIDTH)"
+                f"{len(shapes)} have another shape, e.g. {shapes[:3]}: the file holds another model "
+                f"than the config builds; set {' and '.join(_shape_fixes(other, provided))}"
             )
         scope = "backbone tensors" if backbone else "model tensors"
         raise WeightsConfigError(
@@ -267,6 +354,70 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
             f"their random initialisation: " + "; ".join(parts) + ". Detectron2 would only warn "
             "and train on them; fix MODEL.WEIGHTS or the config."
         )
+
+
+_BACKBONE_KEY = re.compile(r"(^|\.)(stem|res[2-5])\.")
+
+
+def _shape_fixes(keys: List[str], provided) -> List[str]:
+    """The config keys that set the shapes of ``keys`` (tensors whose shape differs
+    between the file and the model), with the value the file implies where its shape
+    tells it: a head trained for 3 classes names ``MODEL.ROI_HEADS.NUM_CLASSES 3``,
+    a backbone of another size the ``MODEL.RESNEXT`` keys."""
+    fixes: Dict[str, None] = {}  # ordered set
+    trained = "(the number of classes the file's heads were trained for)"
+    for k in keys:
+        out = provided[k].shape[0] if provided[k].dim() else 0
+        if re.search(r"box_predictor\.(\d+\.)?cls_score\.", k):  # K classes + background
+            fixes[f"MODEL.ROI_HEADS.NUM_CLASSES {out - 1} {trained}"] = None
+        elif re.search(r"box_predictor\.(\d+\.)?bbox_pred\.", k):
+            fix = ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG True" if out == 4
+                   else f"MODEL.ROI_HEADS.NUM_CLASSES {out // 4} {trained}")
+            fixes[fix] = None
+        elif re.search(r"mask_head\.predictor\.", k):
+            fix = ("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK True" if out == 1
+                   else f"MODEL.ROI_HEADS.NUM_CLASSES {out} {trained}")
+            fixes[fix] = None
+        elif re.search(r"keypoint_head\.score_lowres\.", k):  # ConvTranspose2d: (in, K, k, k)
+            n = provided[k].shape[1] if provided[k].dim() > 1 else out
+            fixes[f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS {n} (the file's keypoint head has {n})"] = None
+        elif re.search(r"(^|\.)head\.cls_score\.", k):  # RetinaNet: anchors x classes
+            box = provided.get(k.replace("cls_score", "bbox_pred"))
+            anchors = box.shape[0] // 4 if box is not None and box.dim() else 0
+            n = out // anchors if anchors else None
+            fixes[f"MODEL.RETINANET.NUM_CLASSES {n} {trained}" if n
+                  else "MODEL.RETINANET.NUM_CLASSES / MODEL.ANCHOR_GENERATOR (classes x anchors)"] = None
+        elif re.search(r"sem_seg_head\.predictor\.", k):
+            fixes[f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {out} {trained}"] = None
+        elif _BACKBONE_KEY.search(k):
+            fixes["MODEL.RESNEXT.PRESET / DEPTH / CARDINALITY / BOTTLENECK_WIDTH / STEM_OUT_CHANNELS / "
+                  "RES2_OUT_CHANNELS (the file's backbone has another architecture)"] = None
+        elif re.search(r"(^|\.)(fpn_|top_block\.)", k):
+            fixes["MODEL.FPN.OUT_CHANNELS (the file's FPN has another width)"] = None
+        elif "rpn_head." in k:
+            fixes["MODEL.ANCHOR_GENERATOR.SIZES / ASPECT_RATIOS (anchors per position) or MODEL.FPN.OUT_CHANNELS "
+                  "(the file's RPN head differs)"] = None
+        elif "box_head." in k:
+            fixes["MODEL.ROI_BOX_HEAD.FC_DIM / NUM_FC / CONV_DIM / NUM_CONV / POOLER_RESOLUTION (the file's box "
+                  "head differs)"] = None
+        elif "mask_head." in k:
+            fixes["MODEL.ROI_MASK_HEAD.CONV_DIM / NUM_CONV (the file's mask head differs)"] = None
+        else:
+            fixes[f"the keys that build {k.rsplit('.', 1)[0]} (or point MODEL.WEIGHTS at a file of this model)"] = None
+    return list(fixes)
+
+
+def _detectron_pickle(data) -> dict:
+    """A Detectron2 model-zoo ``.pkl`` (``{"model": ..., "__author__": ...}``) as it is,
+    a Detectron/Caffe2 one (blobs) in the form Detectron2's checkpointer gives it."""
+    if not isinstance(data, dict):
+        return data
+    if "model" in data and "__author__" in data:
+        return data
+    if "blobs" in data:
+        data = data["blobs"]
+    data = {k: v for k, v in data.items() if not str(k).endswith("_momentum")}
+    return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
 
 def _suggest_output(path: str) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointReadError",
     "TRUST_PICKLE_ENV",
     "safe_pickle_load",
+    "torch_load_weights",
     "SourceWeights",
     "sniff_container",
     "read_weights_file",
@@ -162,15 +163,22 @@ def safe_pickle_load(path: str, *, what: str = "") -> Any:
             raise
 
 
-def _torch_load(path: str, trust_pickle: bool) -> Any:
+def torch_load_weights(path: str, *, trust_pickle: Optional[bool] = None) -> Any:
+    """``torch.load`` of tensors, numbers and plain containers only (``weights_only``),
+    whatever the torch version's default. ``trust_pickle`` (default:
+    ``RESNEXT_DET_TRUST_PICKLE=1``) allows any object: the file's code runs then."""
+    if trust_pickle is None:
+        trust_pickle = os.environ.get(TRUST_PICKLE_ENV) == "1"
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if not trust_pickle and "weights_only" in str(e).lower():
+        # "unsupported GLOBAL x.y": the file wants to create an object (run code). Other
+        # messages ("Unsupported operand 96") mean a corrupt file: a read failure.
+        if not trust_pickle and "unsupported global" in str(e).lower():
             raise CheckpointReadError(
                 f"{path!r} holds Python objects besides tensors (a training checkpoint with "
-                "its arguments, for example), which torch.load(weights_only=True) refuses. "
-                "If you trust the file, pass --trust-pickle."
+                "its arguments, for example), which would run code when loaded: refused. If you "
+                f"trust the file, pass --trust-pickle (tools) or set {TRUST_PICKLE_ENV}=1."
             ) from e
         raise
 
@@ -218,14 +226,14 @@ def read_weights_file(path: str, *, use_ema: bool = False, trust_pickle: bool = 
     container = sniff_container(path)
     try:
         if container == "zip":
-            obj = _torch_load(path, trust_pickle)
+            obj = torch_load_weights(path, trust_pickle=trust_pickle)
         elif container == "pickle":
             # Legacy (pre-1.6) torch.save files are pickles that start with
             # torch's magic number; others (Detectron/Caffe2 .pkl) are plain.
             with open(path, "rb") as f:
                 legacy_torch = f.read(14)[2:] == b"\x8a\x0a" + _TORCH_LEGACY_MAGIC
             if legacy_torch:
-                obj = _torch_load(path, trust_pickle)
+                obj = torch_load_weights(path, trust_pickle=trust_pickle)
             else:
                 with open(path, "rb") as f:
                     if trust_pickle:

@@ -76,7 +76,7 @@ MARKER = "stage_done.json"
 # covers the rest): a file made with other values is made again.
 _PROPOSAL_KEYS = (
     "MODEL.RPN.NMS_THRESH",
-    "MODEL.RPN.MIN_SIZE",
+    "MODEL.PROPOSAL_GENERATOR.MIN_SIZE",
     "INPUT.MIN_SIZE_TEST",
     "INPUT.MAX_SIZE_TEST",
     "INPUT.FORMAT",
