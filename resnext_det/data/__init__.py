@@ -1,6 +1,14 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
-"""Datasets: the synthetic shapes set (registered as ``shapes_train`` / ``shapes_val``)
+"""Datasets: the synthetic shapes set (registered as ``shapes_train`` / ``shapes_val``),
+your own COCO-format data from the command line (``--register-coco``, :mod:`.custom`)
 and the COCO folder checker used by ``datasets/prepare_coco.py``."""
+from .custom import (
+    add_register_coco_argument,
+    check_num_classes,
+    dataset_classes,
+    register_coco,
+    register_coco_datasets,
+)
 from .shapes import (
     SHAPES_CLASSES,
     default_shapes_root,
@@ -12,6 +20,11 @@ from .shapes import (
 from .shapes import _register_all
 
 __all__ = [
+    "add_register_coco_argument",
+    "check_num_classes",
+    "dataset_classes",
+    "register_coco",
+    "register_coco_datasets",
     "SHAPES_CLASSES",
     "default_shapes_root",
     "ensure_shapes",

@@ -21,6 +21,7 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 
+from ..data.custom import add_register_coco_argument, check_num_classes, register_coco_datasets
 from ..errors import ConfigError, UserError
 from ..inference import build_inference_model
 from ..unshared import STAGES, run_schedule
@@ -31,18 +32,27 @@ __all__ = ["argument_parser", "main", "cli", "run_tool"]
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    """Detectron2's ``default_argument_parser`` plus ``--stage`` (Appendix B)."""
+    """Detectron2's ``default_argument_parser`` plus ``--stage`` (Appendix B) and
+    ``--register-coco NAME JSON IMAGE_DIR`` (your own COCO-format data)."""
     parser = default_argument_parser()
     parser.add_argument(
         "--stage", choices=STAGES, help="run one stage of the Appendix B schedule (UNSHARED.*)"
     )
-    return parser
+    return add_register_coco_argument(parser)
+
+
+def _datasets_used(cfg, args: argparse.Namespace):
+    return list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
 
 
 def main(args: argparse.Namespace):
     """Train (plain Detectron2 training, or the Appendix B schedule when
-    ``UNSHARED.ENABLED``) or, with ``--eval-only``, evaluate ``MODEL.WEIGHTS``."""
+    ``UNSHARED.ENABLED``) or, with ``--eval-only``, evaluate ``MODEL.WEIGHTS``.
+    Runs in every launched process: the ``--register-coco`` datasets are registered
+    here, since spawned workers start with empty catalogs."""
+    register_coco_datasets(getattr(args, "register_coco", None))
     cfg = setup_cfg(args.config_file, args.opts, args=args)
+    check_num_classes(cfg, _datasets_used(cfg, args))  # before any model or data loader is built
 
     if args.eval_only:
         # Strict: refuses weights that leave any tensor random or disagree with the config.
@@ -62,29 +72,27 @@ def main(args: argparse.Namespace):
 
 
 def _check_processes(args: argparse.Namespace) -> None:
-    """``--num-gpus N`` on a machine without N GPUs: one line that names the fix,
-    before N processes start and each fails in CUDA."""
+    """Before several processes start, each of which would end in its own traceback:
+    ``--num-gpus N`` on a machine without N GPUs (the config's MODEL.DEVICE as written,
+    before any CPU fallback), and a NUM_CLASSES the datasets contradict; one line each."""
     n = args.num_gpus * args.num_machines
-    if args.num_gpus <= 1 or torch.cuda.device_count() >= args.num_gpus:
+    if n <= 1:
         return
-    cfg = setup_cfg(args.config_file, args.opts, freeze=False)  # errors in the config first
-    if cfg.MODEL.DEVICE.startswith("cuda") and not _device_in_opts(args.opts, "cpu"):
-        have = torch.cuda.device_count()
+    cfg = setup_cfg(args.config_file, args.opts, freeze=False, device_fallback=False)  # config errors first
+    have = torch.cuda.device_count()
+    if cfg.MODEL.DEVICE.startswith("cuda") and have < max(args.num_gpus, 1):
         raise ConfigError(
             f"--num-gpus {args.num_gpus} but this machine has {have} CUDA device(s): use "
             f"--num-gpus {max(have, 1)}" + ("" if have else " (append MODEL.DEVICE cpu)")
             + f", or append MODEL.DEVICE cpu to train with {n} CPU processes"
         )
-
-
-def _device_in_opts(opts: Sequence[str], device: str) -> bool:
-    pairs = dict(zip(list(opts)[::2], list(opts)[1::2]))
-    return str(pairs.get("MODEL.DEVICE", "")).startswith(device)
+    check_num_classes(cfg, _datasets_used(cfg, args))
 
 
 def cli(argv: Optional[Sequence[str]] = None):
     """Parse ``argv`` as ``tools/train_net.py`` does and :func:`launch` :func:`main`."""
     args = argument_parser().parse_args(argv)  # default_setup logs them once the logger exists
+    register_coco_datasets(args.register_coco)  # missing files: one line, before any process starts
     _check_processes(args)
     return launch(
         main,

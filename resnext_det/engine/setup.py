@@ -18,7 +18,10 @@ from detectron2.utils.logger import setup_logger
 from ..config import add_resnext_config
 from ..errors import ConfigError, MissingFileError
 
-__all__ = ["check_lazy_device", "setup_cfg", "setup_logging", "share_cpu_cores", "warn_ignored_keys", "PACKAGE_LOGGER"]
+__all__ = [
+    "available_cores", "check_lazy_device", "fit_dataloader_workers", "setup_cfg", "setup_logging",
+    "share_cpu_cores", "warn_ignored_keys", "PACKAGE_LOGGER",
+]  # fmt: skip
 
 PACKAGE_LOGGER = "resnext_det"
 logger = logging.getLogger(__name__)
@@ -72,13 +75,13 @@ def _merge_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
         raise ConfigError(f"config override: {e}") from e
 
 
-def _check_device(cfg: CfgNode) -> None:
+def _check_device(cfg: CfgNode, fallback: bool = True) -> None:
     dev = cfg.MODEL.DEVICE
     try:
         kind = torch.device(dev).type
     except RuntimeError as e:
         raise ConfigError(f"MODEL.DEVICE {dev!r} is not a device: use 'cpu' or 'cuda'") from e
-    if kind == "cuda" and not torch.cuda.is_available():
+    if fallback and kind == "cuda" and not torch.cuda.is_available():
         if comm.get_world_size() > 1:
             raise ConfigError(
                 f"MODEL.DEVICE is {dev!r} but this machine has no CUDA device: append "
@@ -131,6 +134,30 @@ def setup_logging(output_dir: Optional[str] = None) -> None:
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name=PACKAGE_LOGGER, abbrev_name="rxd")
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, else all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def fit_dataloader_workers(cfg: CfgNode) -> Optional[str]:
+    """Lower ``DATALOADER.NUM_WORKERS`` to the cores available to each local process
+    when the config asks for more (Detectron2's default 4 on a 2-core machine makes
+    PyTorch warn, and the workers only compete for the cores). Returns the line to log,
+    or None when nothing changed."""
+    per_process = max(1, available_cores() // comm.get_local_size())
+    asked = cfg.DATALOADER.NUM_WORKERS
+    if asked <= per_process:
+        return None
+    cfg.DATALOADER.NUM_WORKERS = per_process
+    return (
+        f"DATALOADER.NUM_WORKERS {asked} -> {per_process}: {available_cores()} CPU core(s) for "
+        f"{comm.get_local_size()} process(es) on this machine"
+    )
+
+
 def share_cpu_cores(cfg: CfgNode) -> None:
     """Several CPU processes on one machine: one share of the cores each (PyTorch would
     give every process all of them, and oversubscribed threads crawl). OMP_NUM_THREADS,
@@ -144,24 +171,34 @@ def share_cpu_cores(cfg: CfgNode) -> None:
 
 
 def setup_cfg(
-    config_file: str, opts: Optional[Sequence[str]] = None, *, args=None, freeze: bool = True
+    config_file: str,
+    opts: Optional[Sequence[str]] = None,
+    *,
+    args=None,
+    freeze: bool = True,
+    device_fallback: bool = True,
 ) -> CfgNode:
     """Detectron2 config with the resnext_det keys added, ``config_file`` and ``opts``
     merged (errors name the file or key), ``MODEL.DEVICE`` falling back to the CPU
-    where there is no GPU. With ``args`` (from
+    where there is no GPU, ``DATALOADER.NUM_WORKERS`` at most the cores of this
+    process's share (:func:`fit_dataloader_workers`). With ``args`` (from
     :func:`detectron2.engine.default_argument_parser`), also runs Detectron2's
     :func:`default_setup` (output folder, seeds, env info, its loggers) and sets up
     the package's logger and the CPU-core share of this process.
+    ``device_fallback=False`` keeps ``MODEL.DEVICE`` as configured (to check it).
     """
     cfg = get_cfg()
     add_resnext_config(cfg)
     _merge_file(cfg, config_file)
     _merge_opts(cfg, opts or [])
-    _check_device(cfg)
+    _check_device(cfg, device_fallback)
+    workers = fit_dataloader_workers(cfg)  # before default_setup writes OUTPUT_DIR/config.yaml
     if args is not None:
         default_setup(cfg, args)
         setup_logging(cfg.OUTPUT_DIR)
         share_cpu_cores(cfg)
+    if workers:
+        logger.info(workers)
     warn_ignored_keys(cfg)
     if freeze:
         cfg.freeze()
