@@ -12,6 +12,10 @@ window: results are always written)::
     python tools/demo.py --config-file configs/COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x.yaml \\
         --input 'photos/*.jpg' clip.mp4 --output vis/ --confidence-threshold 0.6 \\
         --opts MODEL.WEIGHTS model_final.pth
+    # a model fine-tuned on your own COCO-format data: its class names come from the json
+    python tools/demo.py --config-file configs/COCO-Detection/faster_rcnn_X_50_32x4d_FPN_1x.yaml \\
+        --register-coco mydata_val data/val.json data/images --input photos/ --output vis/ \\
+        --opts DATASETS.TEST "('mydata_val',)" MODEL.ROI_HEADS.NUM_CLASSES 3 MODEL.WEIGHTS output/mydata/model_final.pth
 
 Weights: ``--opts MODEL.WEIGHTS FILE`` when given; otherwise the config's own
 trained model, ``OUTPUT_DIR/model_final.pth`` (what ``tools/train_net.py`` and the
@@ -28,10 +32,10 @@ import argparse
 import os
 import sys
 
-
+import resnext_det  # noqa: F401  registers the models and datasets (first: quiets detectron2's import)
 from detectron2.utils.logger import setup_logger
 
-import resnext_det  # noqa: F401  registers the models and datasets
+from resnext_det.data import add_register_coco_argument, check_num_classes, dataset_classes, register_coco_datasets
 from resnext_det.engine import setup_cfg, setup_logging
 from resnext_det.engine.cli import run_tool
 from resnext_det.errors import ConfigError
@@ -63,7 +67,8 @@ def get_parser() -> argparse.ArgumentParser:
         "--opts", default=[], nargs=argparse.REMAINDER,
         help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu",
     )
-    return parser
+    # The class names drawn are those of DATASETS.TEST[0]: your own data's come from its json.
+    return add_register_coco_argument(parser)
 
 
 def setup(args):
@@ -87,7 +92,12 @@ def main(argv=None) -> int:
         raise ConfigError("give --input (images, folders, globs, videos) or --video-input")
     files = expand_inputs(inputs)
     outputs, folder = output_paths(files, args.output)
+    register_coco_datasets(args.register_coco)
     cfg = setup(args)
+    names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
+    check_num_classes(cfg, names[:1])
+    if names:
+        dataset_classes(names[0])  # the class names drawn (a --register-coco json's categories)
     weights = resolve_weights(cfg, args.opts)
     logger.info(f"Loading {weights}")
     predictor = Predictor(cfg, weights=weights)

@@ -7,6 +7,9 @@
     python tools/lazyconfig_train_net.py --config-file ... --eval-only \\
         train.init_checkpoint=output/model_final.pth
     python tools/lazyconfig_train_net.py --config-file ... --resume   # continue a killed run
+    # your own COCO-format data (registered in every process)
+    python tools/lazyconfig_train_net.py --config-file ... --register-coco mydata_train data/train.json data/images \
+        dataloader.train.dataset.names=mydata_train model.roi_heads.num_classes=3
 
 Overrides after the flags are ``key=value`` pairs on the config tree, e.g.
 ``train.max_iter=1000 dataloader.train.total_batch_size=8 train.device=cpu``.
@@ -16,7 +19,7 @@ checks that turn a wrong device or AMP setting into a message naming the overrid
 import logging
 import sys
 
-
+import resnext_det  # noqa: F401  registers backbones, heads and datasets (first: quiets detectron2's import)
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -31,8 +34,8 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-import resnext_det  # noqa: F401  registers backbones, heads and datasets
 from resnext_det.checkpoint import ResNeXtCheckpointer, attach_weights_record
+from resnext_det.data import add_register_coco_argument, register_coco_datasets
 from resnext_det.engine.cli import run_tool
 from resnext_det.engine.setup import check_lazy_device
 from resnext_det.errors import ConfigError
@@ -89,6 +92,7 @@ def do_train(args, cfg):
 
 
 def main(args):
+    register_coco_datasets(getattr(args, "register_coco", None))  # in every launched process
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     check_lazy_device(cfg)
@@ -108,8 +112,14 @@ def main(args):
     do_train(args, cfg)
 
 
+def get_parser():
+    """Detectron2's ``default_argument_parser`` plus ``--register-coco NAME JSON IMAGE_DIR``."""
+    return add_register_coco_argument(default_argument_parser())
+
+
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    args = get_parser().parse_args(argv)
+    register_coco_datasets(args.register_coco)  # missing files: one line, before any process starts
     return launch(
         main,
         args.num_gpus,

@@ -6,6 +6,10 @@ it as torchvision weights and convert it for ``MODEL.WEIGHTS``.
 
     python tools/pretrain_shapes.py --config-file configs/quickstart/faster_rcnn_X_26_8x4d_FPN_shapes_appendixB.yaml
     python tools/train_net.py --config-file <same> MODEL.WEIGHTS <the printed path>
+    # crops of your own COCO-format data instead of the shapes (at most 3 categories:
+    # the classifier's classes are the shapes' three and background)
+    python tools/pretrain_shapes.py --config-file <same> --register-coco mydata_train data/train.json data/images \
+        --train-dataset mydata_train --val-dataset ''
 
 The architecture (depth, C, d) is the config's ``MODEL.RESNEXT``; the output
 folder defaults to ``OUTPUT_DIR/stage0_pretrain``. A finished folder is reused; an
@@ -15,6 +19,7 @@ import argparse
 import os
 import sys
 
+from resnext_det.data import add_register_coco_argument, register_coco_datasets
 from resnext_det.pretrain import STAGE0_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +39,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.base_lr, help=f"peak learning rate (default {d.base_lr})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    p.add_argument("--train-dataset", default="shapes_train")
+    p.add_argument("--train-dataset", default="shapes_train", help="a registered dataset (see --register-coco)")
     p.add_argument("--val-dataset", default="shapes_val", help="'' for no accuracy")
+    add_register_coco_argument(p)
     p.add_argument("--json", help="also write the result here")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the config")
     return p
@@ -50,6 +56,7 @@ def main(argv=None) -> dict:
     from resnext_det.engine import setup_cfg
     from resnext_det.pretrain import pretrain_shapes_classifier, settings_from_config
 
+    register_coco_datasets(args.register_coco)
     opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts
     cfg = setup_cfg(args.config_file, opts)
     out = args.output_dir or os.path.join(cfg.OUTPUT_DIR, STAGE0_DIR)
