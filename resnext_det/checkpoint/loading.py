@@ -393,10 +393,10 @@ def _shape_fixes(keys: List[str], provided) -> List[str]:
             fixes["MODEL.RESNEXT.PRESET / DEPTH / CARDINALITY / BOTTLENECK_WIDTH / STEM_OUT_CHANNELS / "
                   "RES2_OUT_CHANNELS (the file's backbone has another architecture)"] = None
         elif re.search(r"(^|\.)(fpn_|top_block\.)", k):
-            fixes["MODEL.FPN.OUT_CHANNELS (the file's FPN has another width)"] = None
+            fixes[f"MODEL.FPN.OUT_CHANNELS {out} (the file's FPN width; the heads on it follow)"] = None
         elif "rpn_head." in k:
-            fixes["MODEL.ANCHOR_GENERATOR.SIZES / ASPECT_RATIOS (anchors per position) or MODEL.FPN.OUT_CHANNELS "
-                  "(the file's RPN head differs)"] = None
+            fixes["MODEL.ANCHOR_GENERATOR.SIZES / ASPECT_RATIOS (anchors per position; the file's RPN head "
+                  "differs)"] = None
         elif "box_head." in k:
             fixes["MODEL.ROI_BOX_HEAD.FC_DIM / NUM_FC / CONV_DIM / NUM_CONV / POOLER_RESOLUTION (the file's box "
                   "head differs)"] = None
@@ -404,6 +404,8 @@ def _shape_fixes(keys: List[str], provided) -> List[str]:
             fixes["MODEL.ROI_MASK_HEAD.CONV_DIM / NUM_CONV (the file's mask head differs)"] = None
         else:
             fixes[f"the keys that build {k.rsplit('.', 1)[0]} (or point MODEL.WEIGHTS at a file of this model)"] = None
+    if any(f.startswith("MODEL.FPN.") for f in fixes):  # the RPN and box heads' shapes follow its width
+        return [f for f in fixes if not f.startswith(("MODEL.ANCHOR_GENERATOR.", "MODEL.ROI_BOX_HEAD.FC_DIM"))]
     return list(fixes)
 
 
