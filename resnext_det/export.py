@@ -705,26 +705,21 @@ def compare_detections(ref: Dict[str, Tensor], out: Dict[str, Tensor]) -> Dict[s
     has_masks = "masks" in ref and "masks" in out
     if has_masks:
         res["masks"] = 0.0
-    n = min(n_ref, n_out)
-    if n == 0:
+    if min(n_ref, n_out) == 0:
         return res
     rb, ob = ref["boxes"].float(), out["boxes"].float()
     rs, os_ = ref["scores"].float(), out["scores"].float()
     rc, oc = ref["classes"].long(), out["classes"].long()
-    idx = torch.arange(n)
+    idx = torch.arange(n_ref)  # the output detection paired with each reference one
     in_order = n_ref == n_out and bool((rc == oc).all()) and float((rb - ob).abs().max()) <= 1.0
-    if not in_order:  # pair each reference detection with its nearest output detection
+    if not in_order:  # the nearest output detection, same class first
         dist = (rb[:, None, :] - ob[None, :, :]).abs().amax(-1) + 1e3 * (rc[:, None] != oc[None, :])
-        dist = dist + (rs[:, None] - os_[None, :]).abs()
-        idx = dist.argmin(1)
-        rb, rs, rc = rb, rs, rc
-    else:
-        rb, rs, rc = rb[:n], rs[:n], rc[:n]
+        idx = (dist + (rs[:, None] - os_[None, :]).abs()).argmin(1)
     res["classes"] = float((rc != oc[idx]).sum())
     res["boxes"] = float((rb - ob[idx]).abs().max())
     res["scores"] = float((rs - os_[idx]).abs().max())
     if has_masks:
-        res["masks"] = float((ref["masks"].float()[: len(idx)] - out["masks"].float()[idx]).abs().max())
+        res["masks"] = float((ref["masks"].float() - out["masks"].float()[idx]).abs().max())
     return res
 
 
@@ -798,15 +793,20 @@ def verify_export(
 
 
 # --------------------------------------------------------------------------- benchmark
-def _time(fn: Callable[[], object], *, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def _interleaved(fns: Dict[str, Callable[[], object]], *, repeats: int, warmup: int) -> Dict[str, float]:
+    """Median seconds of each function, timed in interleaved rounds (one call of each per
+    round), so that a load that changes during the run weighs on all of them alike."""
+    with torch.no_grad():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        times: Dict[str, List[float]] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def benchmark_latency(
@@ -826,7 +826,8 @@ def benchmark_latency(
     depend on them; the ROI heads see the RPN's full POST_NMS_TOPK_TEST proposals).
 
     Returns one row per (short side, runtime): ``{"short_side", "input", "runtime",
-    "seconds"}`` (median of ``repeats``).
+    "seconds", "threads"}``, the median of ``repeats`` interleaved rounds after ``warmup``
+    untimed runs of each (TorchScript's profiling executor optimises on the first runs).
     """
     threads = torch.get_num_threads()
     image = sample_image() if image is None else image
@@ -884,9 +885,7 @@ def benchmark_latency(
             "TorchScript (traced, folded)": lambda: run_ts(x),
             "onnxruntime (folded)": lambda: run_onnx(x),
         }
-        for name, fn in runs.items():
-            with torch.no_grad():
-                sec = _time(fn, repeats=repeats, warmup=warmup)
+        for name, sec in _interleaved(runs, repeats=repeats, warmup=warmup).items():
             rows.append({"short_side": side, "input": shape, "runtime": name, "seconds": sec, "threads": threads})
             logger.info("latency %s %s: %.3f s", shape, name, sec)
     return rows

@@ -323,6 +323,26 @@ def test_verify_catches_perturbed_weights(family_model, tmp_path):
     assert not E.verify_export(model, onx.path, images).ok
 
 
+def test_compare_detections_pairs_reordered_ties_and_counts_what_differs():
+    """Hand-made detections: two with equal scores in swapped order are the same
+    detections (difference 0); a missing one, another class, a moved box are reported."""
+    ref = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [5, 5, 8, 8]]),
+        "scores": torch.tensor([0.9, 0.5, 0.5]),
+        "classes": torch.tensor([0, 1, 2]),
+    }
+    swapped = {k: v[[0, 2, 1]] for k, v in ref.items()}
+    assert E.compare_detections(ref, swapped) == {
+        "detections": 3.0, "count": 0.0, "classes": 0.0, "boxes": 0.0, "scores": 0.0
+    }  # fmt: skip
+    moved = {k: v.clone() for k, v in ref.items()}
+    moved["boxes"][1, 2] += 0.5
+    moved["classes"][2] = 0
+    r = E.compare_detections(ref, moved)
+    assert r["boxes"] == 0.5 and r["classes"] == 1.0
+    assert E.compare_detections(ref, {k: v[:2] for k, v in ref.items()})["count"] == 1.0
+
+
 def test_cascade_scripting_is_refused_in_one_line(family_model, tmp_path):
     cfg, model = family_model("cascade_mask_rcnn")
     with pytest.raises(E.ExportError, match="CascadeROIHeads is not scriptable.*tracing") as err:
