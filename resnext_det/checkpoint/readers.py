@@ -128,6 +128,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),  # numpy arrays pickled with protocol 2
+        # numpy arrays pickled with protocol 5 (stage 2's proposal files): np.frombuffer
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("builtins", "set"),
         ("builtins", "frozenset"),
         ("__builtin__", "set"),
