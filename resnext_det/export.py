@@ -639,9 +639,12 @@ def _export_onnx_torch_export(adapter, image, path, names, opset):
 
 
 # ------------------------------------------------------------------------- run, verify
-def load_exported(path: str, *, threads: Optional[int] = None) -> Callable[[Tensor], Dict[str, Tensor]]:
-    """Load ``model.ts`` (in torch) or ``model.onnx`` (in onnxruntime, CPU) as a
-    function ``image (3, H, W) -> {"boxes", "scores", "classes"[, "masks"]}``."""
+def load_exported(
+    path: str, *, threads: Optional[int] = None, device: str = "cpu"
+) -> Callable[[Tensor], Dict[str, Tensor]]:
+    """Load ``model.ts`` (in torch, on ``device``: where it was traced, for a traced
+    model) or ``model.onnx`` (in onnxruntime, CPU) as a function
+    ``image (3, H, W) -> {"boxes", "scores", "classes"[, "masks"]}`` (CPU tensors)."""
     info_file = os.path.join(os.path.dirname(path), "export.json")
     names: Tuple[str, ...] = ("boxes", "scores", "classes", "masks")
     if os.path.isfile(info_file):
@@ -663,12 +666,12 @@ def load_exported(path: str, *, threads: Optional[int] = None) -> Callable[[Tens
             return {n: torch.from_numpy(np.asarray(o)) for n, o in zip(out_names, outs)}
 
         return run_onnx
-    ts = torch.jit.load(path, map_location="cpu")  # eval already (scripted: a constant)
+    ts = torch.jit.load(path, map_location=device)  # eval already (scripted: a constant)
 
     def run_ts(image: Tensor) -> Dict[str, Tensor]:
         with torch.no_grad():
-            outs = ts(image)
-        return dict(zip(names, outs))
+            outs = ts(image.to(device))
+        return {n: o.cpu() for n, o in zip(names, outs)}
 
     return run_ts
 
@@ -772,7 +775,8 @@ def verify_export(
     masks, or when an image has no detection at all (nothing was compared).
     """
     tol = dict(TOLERANCES, **(tolerances or {}))
-    run = load_exported(path)
+    device = str(next(model.parameters()).device)
+    run = load_exported(path, device=device)
     per_image = []
     for image in images:
         ref = eager_detections(model, image)
