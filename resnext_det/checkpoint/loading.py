@@ -33,7 +33,7 @@ from .metadata import (
     metadata_from_model,
 )
 from ..utils.io import atomic_write, atomic_write_text
-from .convert import detector_convention
+from .layout import detector_convention
 from .readers import (
     _READ_ERRORS,
     CheckpointReadError,

@@ -15,15 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling.resnext import ResNeXt
-from .convert import (
-    ConversionError,
-    ConversionResult,
-    _field,
-    _t7_modules,
-    _typename,
-    torch7_layout,
-    trunk_spec,
-)
+from .convert import ConversionResult
+from .formats import ConversionError, _field, _t7_modules, _typename, torch7_layout
+from .layout import trunk_spec
 
 __all__ = ["reference_features", "verify_conversion", "max_relative_error"]
 
