@@ -1,0 +1,40 @@
+# Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
+"""Formats, methods, opsets and tolerances of the exporter, and its error."""
+import logging
+
+from torch import Tensor
+
+from detectron2.structures import Boxes
+
+from ..errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+FORMATS = ("torchscript", "onnx")
+METHODS = ("tracing", "scripting", "torch_export")
+#: ONNX opset written by default: the first with ``RoiAlign(coordinate_transformation_mode)``
+#: is 16; 17 is what onnxruntime and TensorRT releases of the last years all run.
+DEFAULT_OPSET = 17
+#: ONNX ``RoiAlign`` has the half-pixel (``aligned=True``) mode from this opset on.
+MIN_OPSET_ALIGNED_ROI_ALIGN = 16
+#: Largest differences :func:`verify_export` accepts between the exported and the
+#: eager model (fp32 both; correct exports measure 1e-4 px and below, see
+#: docs/deploy.md): boxes in pixels, scores and mask probabilities absolute.
+TOLERANCES = {"boxes": 0.01, "scores": 1e-4, "masks": 1e-4}
+_EXT = {"torchscript": "model.ts", "onnx": "model.onnx"}
+# Instances fields the scripted models use (Detectron2's export_model.py list).
+_SCRIPT_FIELDS = {
+    "proposal_boxes": Boxes,
+    "objectness_logits": Tensor,
+    "pred_boxes": Boxes,
+    "scores": Tensor,
+    "pred_classes": Tensor,
+    "pred_masks": Tensor,
+}
+
+
+class ExportError(UserError):
+    """An export that cannot be done, or that would compute another model; the
+    message is one line that says why and what to do instead. Tools print it as
+    one line and exit with status 2 (:func:`resnext_det.engine.cli.run_tool`)."""
