@@ -1,5 +1,5 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
-"""Deployment (resnext_det/export.py, tools/export_model.py): every meta-architecture
+"""Deployment (resnext_det/export/, tools/export_model.py): every meta-architecture
 of the project exports to TorchScript (tracing, scripting) and ONNX, and the file, read
 back from disk, gives the eager model's detections on an image of another size.
 
