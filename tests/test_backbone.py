@@ -20,7 +20,8 @@ from detectron2.modeling.roi_heads import Res5ROIHeads
 
 import resnext_det
 from resnext_det import PRESETS, ResNeXtBlock, ResNeXtRes5ROIHeads, add_resnext_config
-from resnext_det.modeling import ResNeXtSpec
+from resnext_det.modeling import ResNeXtSpec, ResNeXtSpecError
+from resnext_det.presets import preset_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_STAGES = ["res2", "res3", "res4", "res5"]
@@ -124,8 +125,9 @@ def test_presets_name_the_paper_models():
 # --------------------------------------------------------------------------
 # Detectron2's built-in ResNet with NUM_GROUPS x WIDTH_PER_GROUP = C x d.
 # --------------------------------------------------------------------------
-def _builtin_resnet(c, d, depth, norm="BN", out_features=ALL_STAGES, stride_in_1x1=False):
+def _builtin_resnet(c, d, depth, norm="BN", out_features=ALL_STAGES, stride_in_1x1=False, res5_dilation=1):
     cfg = get_cfg()
+    cfg.MODEL.RESNETS.RES5_DILATION = res5_dilation
     cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.NUM_GROUPS = c
     cfg.MODEL.RESNETS.WIDTH_PER_GROUP = d
@@ -136,12 +138,13 @@ def _builtin_resnet(c, d, depth, norm="BN", out_features=ALL_STAGES, stride_in_1
     return build_resnet_backbone(cfg, ShapeSpec(channels=3))
 
 
-@pytest.mark.parametrize("stride_in_1x1", [False, True])
-def test_form_c_equals_detectron2_builtin_resnext(stride_in_1x1):
-    builtin = randomize_bn(_builtin_resnet(8, 4, 50, stride_in_1x1=stride_in_1x1)).eval()
+@pytest.mark.parametrize("stride_in_1x1,res5_dilation", [(False, 1), (True, 1), (False, 2)])
+def test_form_c_equals_detectron2_builtin_resnext(stride_in_1x1, res5_dilation):
+    builtin = randomize_bn(_builtin_resnet(8, 4, 50, stride_in_1x1=stride_in_1x1,
+                                           res5_dilation=res5_dilation)).eval()  # fmt: skip
     ours = build_backbone(
         make_cfg(DEPTH=50, CARDINALITY=8, BOTTLENECK_WIDTH=4, NORM="BN", FREEZE_AT=0,
-                 STRIDE_IN_1X1=stride_in_1x1)
+                 STRIDE_IN_1X1=stride_in_1x1, RES5_DILATION=res5_dilation)
     ).eval()
     # Same state-dict keys and shapes: a Detectron2 ResNeXt checkpoint loads unchanged.
     assert {k: v.shape for k, v in ours.state_dict().items()} == {
@@ -349,6 +352,131 @@ def test_bad_values_name_the_key(override, must_say):
         build_backbone(make_cfg(**override))
     for text in must_say:
         assert text in str(e.value), str(e.value)
+
+
+# --------------------------------------------------------------------------
+# ResNeXtSpec: each field refused past its boundary and accepted at it, with the message the
+# README gives ("MODEL.RESNEXT.CARDINALITY = 0 is not valid: the paper's C must be an integer
+# >= 1 (e.g. 32)."), written out here by hand.
+# --------------------------------------------------------------------------
+def _spec(**fields):
+    return ResNeXtSpec(**{"stage_blocks": (1, 1, 1, 1), "cardinality": 2, "bottleneck_width": 4, **fields})
+
+
+_POSITIVE = "must be a positive integer"
+_BLOCKS = "give 4 positive block counts for res2..res5"
+_FREEZE = "choose 0 (train all) .. 5 (freeze stem and res2..res5)"
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("cardinality", 0, "CARDINALITY = 0 is not valid: the paper's C must be an integer >= 1 (e.g. 32)."),
+        ("cardinality", True, "CARDINALITY = True is not valid: the paper's C must be an integer >= 1 (e.g. 32)."),
+        ("cardinality", 32.0, "CARDINALITY = 32.0 is not valid: the paper's C must be an integer >= 1 (e.g. 32)."),
+        ("bottleneck_width", 0, "BOTTLENECK_WIDTH = 0 is not valid: the paper's d must be an integer >= 1 (e.g. 4)."),
+        ("stage_blocks", (3, 4, 0, 3), f"STAGE_BLOCKS = (3, 4, 0, 3) is not valid: {_BLOCKS}."),
+        ("stage_blocks", (3, 4, 6.5, 3), f"STAGE_BLOCKS = (3, 4, 6.5, 3) is not valid: {_BLOCKS}."),
+        ("stage_blocks", 5, f"STAGE_BLOCKS = 5 is not valid: {_BLOCKS}."),
+        ("form", "d", "BLOCK_FORM = 'd' is not valid: choose one of ['a', 'b', 'c'] (Fig. 3)."),
+        ("norm", "batchnorm", "NORM = 'batchnorm' is not valid: choose one of "
+                              "['FrozenBN', 'BN', 'SyncBN', 'GN', 'nnSyncBN', 'naiveSyncBN', 'LN', '']."),
+        ("stem_out_channels", 0, f"STEM_OUT_CHANNELS = 0 is not valid: {_POSITIVE}."),
+        ("stem_out_channels", 2.5, f"STEM_OUT_CHANNELS = 2.5 is not valid: {_POSITIVE}."),
+        ("res2_out_channels", 0, f"RES2_OUT_CHANNELS = 0 is not valid: {_POSITIVE}."),
+        ("res5_dilation", 3, "RES5_DILATION = 3 is not valid: choose 1 or 2."),
+        ("out_features", ("res6",), "OUT_FEATURES = ('res6',) is not valid: name one or more of "
+                                    "['stem', 'res2', 'res3', 'res4', 'res5']."),
+        ("out_features", 4, "OUT_FEATURES = 4 is not valid: name one or more of "
+                            "['stem', 'res2', 'res3', 'res4', 'res5']."),
+        ("freeze_at", 6, f"FREEZE_AT = 6 is not valid: {_FREEZE}."),
+        ("freeze_at", -1, f"FREEZE_AT = -1 is not valid: {_FREEZE}."),
+    ],
+)  # fmt: skip
+def test_spec_refuses_each_bad_field_in_the_readmes_words(field, value, message):
+    with pytest.raises(ResNeXtSpecError) as e:
+        _spec(**{field: value})
+    assert str(e.value) == "MODEL.RESNEXT." + message
+
+
+def test_spec_accepts_each_fields_boundary_and_normalises_its_types():
+    """1 is a valid C, d and width, 0 and 5 valid FREEZE_ATs; lists become tuples and 0/1 become
+    bools, so that a spec from a yaml (lists), a LazyConfig or Python is the same, hashable value."""
+    s = _spec(stage_blocks=[1, 1, 1, 1], cardinality=1, bottleneck_width=1, stem_out_channels=1,
+              res2_out_channels=1, freeze_at=5, out_features=["stem", "res5"], stride_in_1x1=1,
+              channels_last=0)  # fmt: skip
+    assert type(s.stage_blocks) is tuple and type(s.out_features) is tuple
+    assert s.stride_in_1x1 is True and s.channels_last is False
+    same = _spec(stage_blocks=(1, 1, 1, 1), cardinality=1, bottleneck_width=1, stem_out_channels=1,
+                 res2_out_channels=1, freeze_at=5, out_features=("stem", "res5"), stride_in_1x1=True,
+                 channels_last=False)  # fmt: skip
+    assert s == same and hash(s) == hash(same)
+    assert _spec(freeze_at=0).freeze_at == 0 and _spec(channels_last=1).channels_last is True
+
+
+def test_group_norm_check_covers_each_normalised_width():
+    """GN splits channels into 32 groups: the stem, each stage's C*d and each stage's output must
+    be multiples of 32 (doubling keeps a multiple a multiple, so the res2 widths decide)."""
+    _spec(norm="GN", cardinality=8, bottleneck_width=4, stem_out_channels=32, res2_out_channels=32)
+    tail = "not a multiple of 32: change that key or the norm."
+    for fields, what, c in (
+        (dict(stem_out_channels=48), "MODEL.RESNEXT.STEM_OUT_CHANNELS", 48),
+        (dict(cardinality=12), "MODEL.RESNEXT.CARDINALITY x MODEL.RESNEXT.BOTTLENECK_WIDTH (C*d of res2, "
+                               "doubled per stage)", 48),
+        (dict(res2_out_channels=48), "MODEL.RESNEXT.RES2_OUT_CHANNELS (doubled per stage)", 48),
+    ):  # fmt: skip
+        good = dict(norm="GN", cardinality=8, bottleneck_width=4, stem_out_channels=32, res2_out_channels=32)
+        with pytest.raises(ResNeXtSpecError) as e:
+            _spec(**{**good, **fields})
+        assert str(e.value) == (f"MODEL.RESNEXT.NORM = 'GN' splits channels into 32 groups, but {what} "
+                                f"gives {c} channels, {tail}")  # fmt: skip
+
+
+def test_spec_from_config_reads_every_key_and_names_bad_ones():
+    with pytest.raises(ResNeXtSpecError) as e:
+        ResNeXtSpec.from_config(make_cfg(DEPTH=77))
+    assert str(e.value) == ("MODEL.RESNEXT.DEPTH = 77 is not valid: choose one of [26, 38, 50, 101, 152], "
+                            "or set MODEL.RESNEXT.STAGE_BLOCKS to 4 block counts for a custom depth.")  # fmt: skip
+    with pytest.raises(ResNeXtSpecError) as e:
+        ResNeXtSpec.from_config(make_cfg(PRESET="X-77-1x1d"))
+    assert str(e.value).startswith("MODEL.RESNEXT.PRESET = 'X-77-1x1d' is not valid: choose one of [")
+    assert ResNeXtSpec.from_config(make_cfg(CHANNELS_LAST=True)).channels_last is True
+    cfg = make_cfg()
+    del cfg.MODEL.RESNEXT["CHANNELS_LAST"]  # a config written before the key existed
+    assert ResNeXtSpec.from_config(cfg).channels_last is False
+    spec = ResNeXtSpec.from_config(make_cfg(PRESET="X-50-32x4d", NORM="GN", BLOCK_FORM="b", FREEZE_AT=3,
+                                            STRIDE_IN_1X1=True, RES5_DILATION=2, OUT_FEATURES=["res3"],
+                                            STEM_OUT_CHANNELS=64, RES2_OUT_CHANNELS=256))  # fmt: skip
+    assert spec == ResNeXtSpec(stage_blocks=(3, 4, 6, 3), cardinality=32, bottleneck_width=4, form="b", norm="GN",
+                               stride_in_1x1=True, res5_dilation=2, out_features=("res3",), freeze_at=3)  # fmt: skip
+
+
+def test_spec_names_describes_replaces_and_compares_shapes():
+    x101 = ResNeXtSpec.from_preset("X-101-32x8d", norm="GN", freeze_at=0)
+    assert (x101.stage_blocks, x101.cardinality, x101.bottleneck_width) == ((3, 4, 23, 3), 32, 8)
+    assert (x101.norm, x101.freeze_at, x101.preset, x101.standard_depth, x101.depth) == ("GN", 0, "X-101-32x8d", 101, 101)
+    assert x101.describe() == "X-101-32x8d (blocks [3, 4, 23, 3], C=32, d=8, stem 64, res2 256 channels)"
+    with pytest.raises(ResNeXtSpecError, match=r"^MODEL.RESNEXT.PRESET = 'X-77' is not valid: choose one of \["):
+        ResNeXtSpec.from_preset("X-77")
+    tiny = _spec(stem_out_channels=32, res2_out_channels=64)
+    assert (tiny.preset, tiny.standard_depth) == ("", None)
+    assert tiny.describe() == "depth 14 (blocks [1, 1, 1, 1], C=2, d=4, stem 32, res2 64 channels)"
+    # By default preset_name assumes the paper's widths (stem 64, res2 256).
+    assert preset_name([3, 4, 6, 3], 32, 4) == "X-50-32x4d" and preset_name([3, 4, 23, 3], 1, 64) == "R-101"
+    assert preset_name([3, 4, 6, 3], 32, 4, stem_out_channels=32) == ""
+    # The paper's X-50-32x4d with other widths has no name; with its own it has.
+    assert _spec(stage_blocks=(3, 4, 6, 3), cardinality=32, stem_out_channels=32).preset == ""
+    assert _spec(stage_blocks=(3, 4, 6, 3), cardinality=32).preset == "X-50-32x4d"
+    assert tiny.replace(cardinality=4) == _spec(cardinality=4, stem_out_channels=32, res2_out_channels=64)
+    with pytest.raises(ResNeXtSpecError, match="CARDINALITY = 0"):
+        tiny.replace(cardinality=0)
+    # Weights fit whatever the form, norm, stride placement, dilation, outputs or freezing ...
+    assert tiny.same_shapes(tiny.replace(form="a", norm="BN", stride_in_1x1=True, res5_dilation=2,
+                                         out_features=("res5",), freeze_at=0, channels_last=True))  # fmt: skip
+    # ... and not across any of the five fields that shape the tensors.
+    for change in (dict(stage_blocks=(1, 1, 2, 1)), dict(cardinality=4), dict(bottleneck_width=8),
+                   dict(stem_out_channels=64), dict(res2_out_channels=128)):  # fmt: skip
+        assert not tiny.same_shapes(tiny.replace(**change)), change
 
 
 def test_fpn_needs_features_from_backbone():
