@@ -591,3 +591,23 @@ def test_compile_switch_compiles_backbone_in_place():
         a, b = ref.backbone(x), comp.backbone(x)
     for k in a:
         assert _rel(b[k], a[k]) < 1e-4, k
+
+
+def test_roi_pool_runs_under_bf16_autocast_as_in_fp32():
+    """The Appendix B C4 configs pool with ROIPool (py-faster-rcnn). torchvision has an autocast
+    rule for roi_align, none for roi_pool: bf16 features beside fp32 boxes failed in stage 4 and
+    `--eval-only` with SOLVER.AMP.ENABLED. Fp32RoIPool computes what RoIPool computes in fp32."""
+    from torchvision.ops import RoIPool
+
+    from resnext_det.fast import Fp32RoIPool
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 20, 20)
+    rois = torch.tensor([[0, 1.0, 2.0, 15.0, 12.0], [1, 0.0, 0.0, 19.0, 19.0]])
+    ref = RoIPool((7, 7), 0.5)(x.bfloat16().float(), rois)  # torchvision in fp32, same input
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="same type"):
+            RoIPool((7, 7), 0.5)(x.bfloat16(), rois)
+        got = Fp32RoIPool((7, 7), 0.5)(x.bfloat16(), rois)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)  # max pooling: exact

@@ -2,7 +2,7 @@
 """Speed: mixed precision on CPU and GPU, a sparse-matrix ROIAlign, FrozenBN
 folding, channels_last and ``torch.compile``, each behind a config switch
 (see :mod:`resnext_det.fast.fast_path`; measured by ``tools/benchmark.py``)."""
-from .amp import AutocastInference, AutocastTrainer, amp_dtype, autocast
+from .amp import AutocastInference, AutocastTrainer, Fp32RoIPool, amp_dtype, autocast, autocast_safe_roi_pool
 from .bn_fold import FrozenBNFusedConv2d, fold_frozen_bn, fuse_frozen_bn
 from .fast_path import apply_fast_path, fast_path_summary, prepare_for_inference
 from .roi_align import FastROIAlign, replace_roi_align, roi_align_matrix, sparse_roi_align
@@ -10,6 +10,8 @@ from .roi_align import FastROIAlign, replace_roi_align, roi_align_matrix, sparse
 __all__ = [
     "AutocastInference",
     "AutocastTrainer",
+    "Fp32RoIPool",
+    "autocast_safe_roi_pool",
     "amp_dtype",
     "autocast",
     "FrozenBNFusedConv2d",

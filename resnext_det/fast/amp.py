@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torchvision.ops import RoIPool
 
 from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import get_event_storage
@@ -27,6 +28,8 @@ from ..errors import ConfigError
 
 __all__ = [
     "PRECISIONS",
+    "Fp32RoIPool",
+    "autocast_safe_roi_pool",
     "amp_dtype",
     "autocast",
     "AutocastTrainer",
@@ -90,6 +93,31 @@ def autocast(device_type: str, dtype: Optional[torch.dtype]):
         yield
 
 
+class Fp32RoIPool(RoIPool):
+    """torchvision's ``RoIPool`` computed in float32 under autocast. torchvision gives
+    ``roi_align`` an autocast rule (it casts to fp32) but not ``roi_pool``, which then
+    refuses bf16/fp16 features beside fp32 boxes ("input should have the same type as
+    rois"): the py-faster-rcnn ``ROIPool`` of the Appendix B C4 configs. No parameters:
+    the state dict is unchanged."""
+
+    def forward(self, input: torch.Tensor, rois):
+        rois = rois.float() if isinstance(rois, torch.Tensor) else [r.float() for r in rois]
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            return super().forward(input.float(), rois)
+
+
+def autocast_safe_roi_pool(model: nn.Module) -> int:
+    """Swap every torchvision ``RoIPool`` inside ``model`` for :class:`Fp32RoIPool`, in
+    place (the same op outside autocast). Returns how many."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, RoIPool) and not isinstance(child, Fp32RoIPool):
+                setattr(module, name, Fp32RoIPool(child.output_size, child.spatial_scale))
+                count += 1
+    return count
+
+
 class AutocastTrainer(SimpleTrainer):
     """Detectron2's ``SimpleTrainer`` with the forward pass under
     ``torch.autocast(device_type, dtype)``; a ``GradScaler`` for float16.
@@ -128,6 +156,7 @@ class AutocastTrainer(SimpleTrainer):
         )
         self.device_type = device_type
         self.precision = dtype
+        autocast_safe_roi_pool(model)
         # Loss scaling only for float16: bf16 has the exponent range of fp32.
         self.grad_scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from .amp import AutocastInference, amp_dtype
+from .amp import AutocastInference, amp_dtype, autocast_safe_roi_pool
 from .bn_fold import fold_frozen_bn, fuse_frozen_bn
 from .roi_align import replace_roi_align
 from ..errors import ConfigError
@@ -98,6 +98,7 @@ def prepare_for_inference(model: nn.Module, cfg) -> nn.Module:
             # Our own copy: store conv/linear weights in the autocast dtype once,
             # instead of autocast casting every weight at every forward.
             _cast_weights(model, dtype)
+        autocast_safe_roi_pool(model)
         model = AutocastInference(model, device_type=torch.device(cfg.MODEL.DEVICE).type, dtype=dtype)
     return model
 
