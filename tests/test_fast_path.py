@@ -14,6 +14,7 @@ from torchvision.ops import roi_align as tv_roi_align
 
 import resnext_det  # noqa: F401  registrations
 from detectron2.config import get_cfg
+from detectron2.engine import SimpleTrainer
 from detectron2.layers import FrozenBatchNorm2d, ROIAlign
 from detectron2.modeling import build_model
 from detectron2.modeling.poolers import ROIPooler
@@ -28,6 +29,7 @@ from resnext_det.fast import (
     FrozenBNFusedConv2d,
     amp_dtype,
     apply_fast_path,
+    fast_path_summary,
     fold_frozen_bn,
     fuse_frozen_bn,
     prepare_for_inference,
@@ -344,6 +346,24 @@ def test_switches_reach_the_model():
     assert prepare_for_inference(m2, plain) is m2
 
 
+def test_fast_path_summary_names_every_switch():
+    on = _tiny_detector_cfg(*FAST, "MODEL.RESNEXT.COMPILE", True, "SOLVER.AMP.PRECISION", "float16")
+    assert fast_path_summary(on) == {
+        "MODEL.RESNEXT.CHANNELS_LAST": True, "MODEL.RESNEXT.FAST_ROI_ALIGN": True,
+        "MODEL.RESNEXT.FOLD_FROZEN_BN": True, "MODEL.RESNEXT.COMPILE": True,
+        "SOLVER.AMP.ENABLED": True, "SOLVER.AMP.PRECISION": "float16",
+    }  # fmt: skip
+    off = _tiny_detector_cfg()
+    for key in ("CHANNELS_LAST", "FAST_ROI_ALIGN", "FOLD_FROZEN_BN", "COMPILE"):
+        del off.MODEL.RESNEXT[key]  # a config written before the switches existed
+    del off.SOLVER.AMP["PRECISION"]
+    assert fast_path_summary(off) == {
+        "MODEL.RESNEXT.CHANNELS_LAST": False, "MODEL.RESNEXT.FAST_ROI_ALIGN": False,
+        "MODEL.RESNEXT.FOLD_FROZEN_BN": False, "MODEL.RESNEXT.COMPILE": False,
+        "SOLVER.AMP.ENABLED": False, "SOLVER.AMP.PRECISION": "auto",
+    }  # fmt: skip
+
+
 def test_amp_precision_key():
     cfg = _tiny_detector_cfg()
     assert amp_dtype(cfg) is None  # SOLVER.AMP.ENABLED False
@@ -459,6 +479,13 @@ def test_autocast_trainer_float16_scaler_state(tmp_path):
     assert "grad_scaler" in t.state_dict()
     t2 = AutocastTrainer(Toy(), loader(), opt, device_type="cpu", dtype=torch.bfloat16)
     assert not t2.grad_scaler.is_enabled()
+    # A float16 run resumes from checkpoints of runs without a scaler: bf16 (PRECISION "auto"
+    # on a CPU, resumed with "auto" on a GPU) saves an empty one, fp32 none; it starts anew.
+    t2.iter = 7
+    for state in (t2.state_dict(), SimpleTrainer.state_dict(t2)):
+        t3 = AutocastTrainer(Toy(), loader(), opt, device_type="cpu", dtype=torch.float16)
+        t3.load_state_dict(state)
+        assert t3.iter == 7 and t3.grad_scaler.get_scale() == 65536.0
 
 
 def test_resume_restores_every_piece_of_trainer_state(tmp_path):

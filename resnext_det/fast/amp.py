@@ -196,7 +196,8 @@ class AutocastTrainer(SimpleTrainer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        if "grad_scaler" in state_dict and self.grad_scaler.is_enabled():
+        # A bf16 run saves its disabled scaler as {}: resumed in float16 it starts a new one.
+        if state_dict.get("grad_scaler") and self.grad_scaler.is_enabled():
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
 
