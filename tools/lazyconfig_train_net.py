@@ -28,7 +28,6 @@ from detectron2.engine import (
     default_setup,
     default_writers,
     hooks,
-    launch,
 )
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -36,7 +35,7 @@ from detectron2.utils import comm
 
 from resnext_det.checkpoint import ResNeXtCheckpointer, attach_weights_record
 from resnext_det.data import add_register_coco_argument, register_coco_datasets
-from resnext_det.engine.cli import run_tool
+from resnext_det.engine.cli import launch_main, run_tool
 from resnext_det.engine.setup import check_lazy_device
 from resnext_det.errors import ConfigError
 
@@ -120,14 +119,7 @@ def get_parser():
 def cli(argv=None):
     args = get_parser().parse_args(argv)
     register_coco_datasets(args.register_coco)  # missing files: one line, before any process starts
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    return launch_main(main, args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from ..unshared import STAGES, run_schedule
 from .setup import setup_cfg
 from .trainer import Trainer
 
-__all__ = ["argument_parser", "main", "cli", "run_tool"]
+__all__ = ["argument_parser", "main", "cli", "launch_main", "run_tool"]
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -94,8 +94,14 @@ def cli(argv: Optional[Sequence[str]] = None):
     args = argument_parser().parse_args(argv)  # default_setup logs them once the logger exists
     register_coco_datasets(args.register_coco)  # missing files: one line, before any process starts
     _check_processes(args)
+    return launch_main(main, args)
+
+
+def launch_main(fn: Callable[[argparse.Namespace], object], args: argparse.Namespace):
+    """Detectron2's :func:`launch` of ``fn(args)`` on ``--num-gpus`` processes per machine
+    (the parsed arguments of ``default_argument_parser``)."""
     return launch(
-        main,
+        fn,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
