@@ -346,6 +346,26 @@ def test_switches_reach_the_model():
     assert prepare_for_inference(m2, plain) is m2
 
 
+def test_fp32_roi_pool_is_torchvisions_roi_pool_under_autocast():
+    """py-faster-rcnn's RoI pooling (the Appendix B C4 configs) under bf16 autocast: the same
+    fp32 values as torchvision's RoIPool on the same (bf16-rounded) features, boxes given as a
+    tensor (Detectron2's ROIPooler) or as a list per image (torchvision's other form)."""
+    from torchvision.ops import RoIPool
+
+    from resnext_det.fast.amp import Fp32RoIPool
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 16, 16, generator=g).bfloat16()
+    boxes = [torch.tensor([[1.0, 1.0, 9.0, 9.0]]), torch.tensor([[2.0, 3.0, 12.0, 10.0], [0.0, 0.0, 15.0, 15.0]])]
+    ref = RoIPool((3, 3), 0.5)(x.float(), boxes)
+    pool = Fp32RoIPool((3, 3), 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for rois in (boxes, torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1)
+                                       for i, b in enumerate(boxes)])):  # fmt: skip
+            out = pool(x, rois)
+            assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
 def test_fast_path_summary_names_every_switch():
     on = _tiny_detector_cfg(*FAST, "MODEL.RESNEXT.COMPILE", True, "SOLVER.AMP.PRECISION", "float16")
     assert fast_path_summary(on) == {
