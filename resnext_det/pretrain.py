@@ -287,10 +287,6 @@ def _lr_at(it: int, s: PretrainSettings) -> float:
     return s.base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
-def _bf16_ok() -> bool:
-    return cpu_has_fast_bf16()
-
-
 @torch.no_grad()
 def _accuracy(model, crops: np.ndarray, labels: np.ndarray, *, bf16: bool, batch: int = 250) -> float:
     model.eval()
@@ -381,7 +377,7 @@ def pretrain_shapes_classifier(
             logger.info(f"Stage 0: resuming from iteration {start} ({ckpt_path})")
         else:
             logger.warning(f"Stage 0: {ckpt_path} has other settings: starting over")
-    bf16 = settings.bf16 and _bf16_ok()
+    bf16 = settings.bf16 and cpu_has_fast_bf16()
     logger.info(
         f"Stage 0 (ImageNet stand-in): torchvision ResNeXt {list(settings.stage_blocks)} "
         f"{settings.cardinality}x{settings.bottleneck_width}d classifier on {settings.crop_size}px crops "

@@ -9,6 +9,7 @@ import detectron2
 import torch
 import torchvision
 
+from ..fast.amp import cpu_has_fast_bf16
 from ..modeling import ResNeXtSpec
 from ..utils.io import atomic_write_json, atomic_write_text
 from .contenders import our_cfg
@@ -99,7 +100,7 @@ def machine_info(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
-        "mkldnn_bf16_supported": _mkldnn_bf16(),
+        "mkldnn_bf16_supported": cpu_has_fast_bf16(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -112,10 +113,6 @@ def machine_info(device: str) -> dict:
         info["cudnn"] = torch.backends.cudnn.version()
         info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     return info
-
-
-def _mkldnn_bf16() -> bool:
-    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
 def setup_info(s: BenchmarkSettings, configs: Dict[str, str]) -> dict:

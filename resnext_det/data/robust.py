@@ -80,11 +80,15 @@ class SkipUnreadableImages:
     def __init__(self, mapper: Callable[[dict], Optional[dict]]):
         self.mapper = mapper
         self.skipped: Counter = Counter()
+        # Files whose header passed check_image_file: checked once per worker, not every epoch.
+        self._checked: set = set()
 
     def __call__(self, dataset_dict: dict) -> Optional[dict]:
         path = dataset_dict.get("file_name", "?")
         try:
-            check_image_file(path)
+            if path not in self._checked:
+                check_image_file(path)
+                self._checked.add(path)
             return self.mapper(dataset_dict)
         except (OSError, SyntaxError) as e:  # truncated JPEG: OSError; PIL parse errors: SyntaxError
             self.skipped[path] += 1

@@ -303,12 +303,13 @@ def _stage_proposals(cfg, cfgs, force: bool) -> Dict[str, Any]:
     ]
     # What the proposals are made from: the RPN's weights (their bytes, not their path) and
     # every RPN and test-input key. Files made from anything else are made again.
+    flat = _flat(rpn_cfg)
     source = {
         "rpn_weights_sha256": file_sha256(weights),
         "rpn_config_sha256": hashlib.sha256(
             json.dumps(_identity(rpn_cfg, "rpn"), sort_keys=True, default=str).encode()
         ).hexdigest(),
-        **{k: _flat(rpn_cfg)[k] for k in _PROPOSAL_KEYS},
+        **{k: flat[k] for k in _PROPOSAL_KEYS},
     }
     out: Dict[str, Any] = {}
     for role, name, pre, post in jobs:
