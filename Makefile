@@ -6,7 +6,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo clean mutants
+.PHONY: setup test test-fast demo clean mutants mutants-again
 
 setup: $(VENV)/.setup-done
 
@@ -23,16 +23,22 @@ demo: setup
 # Mutation testing (docs/testing.md); not part of `make test` or CI. mutmut is installed into
 # .venv on first use (it is not a requirement). It mutates the core modules (setup.cfg
 # [mutmut]), runs their fast tests on each mutant, then prints the kill rate and the
-# survivors. MUTANTS narrows it to mutant-name globs, e.g.
+# survivors. `make mutants` checks every mutant without a verdict (all on the first run, the
+# rest after an interruption, the changed functions' after an edit); MUTANTS checks the
+# mutants those name globs match again; `make mutants-again` reruns the ones not killed
+# (after adding tests), e.g.
 #   make mutants MUTANTS="resnext_det.modeling.spec.* resnext_det.presets.*"
+#   make mutants-again MUTANTS="resnext_det.checkpoint.*"
 MUTMUT_VERSION ?= 3.8.1
 MUTANT_JOBS ?= 2
 MUTANTS ?=
+export MUTANT_JOBS VENV
 mutants: setup
 	@$(PY) -c "import mutmut" 2>/dev/null || $(VENV)/bin/pip install -q mutmut==$(MUTMUT_VERSION)
-	-OMP_NUM_THREADS=1 DETECTRON2_DATASETS=$(CURDIR)/datasets \
-	    nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTANT_JOBS) $(MUTANTS)
-	$(PY) tools/mutants_report.py $(MUTANTS)
+	bash tools/run_mutants.sh $(MUTANTS)
+
+mutants-again: setup
+	bash tools/run_mutants.sh --again $(MUTANTS)
 
 clean:
 	rm -rf output

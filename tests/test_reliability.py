@@ -86,6 +86,7 @@ def test_a_weights_pickle_never_runs_its_code(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # subprocesses, several seconds: left out of `make mutants`
 def test_train_net_refuses_a_code_running_pickle_in_one_line(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pkl"
@@ -122,6 +123,7 @@ _KILLER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # subprocesses, several seconds: left out of `make mutants`
 def test_a_kill_while_model_final_is_written_leaves_a_run_that_resumes(tmp_path):
     """SOLVER.CHECKPOINT_PERIOD divides MAX_ITER (as in `make demo`): killed inside the write
     of model_final.pth, the run resumes at MAX_ITER, writes a complete model_final.pth and
@@ -307,6 +309,7 @@ def test_demo_skips_a_corrupt_image_and_goes_on(tmp_path, caplog):
     assert os.path.isfile(outputs[str(good)])
 
 
+@pytest.mark.slow  # subprocesses, several seconds: left out of `make mutants`
 def test_prepare_coco_finds_the_images_training_would_skip(tmp_path):
     val = tmp_path / "coco" / "val2017"
     val.mkdir(parents=True)

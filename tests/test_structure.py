@@ -123,6 +123,7 @@ def test_run_tool_prints_user_errors_in_one_line_and_keeps_tracebacks_of_bugs(ca
         run_tool(bug, "tool.py")
 
 
+@pytest.mark.slow  # subprocesses, several seconds: left out of `make mutants`
 def test_train_net_one_line_errors_for_bad_config_files(tmp_path):
     """Empty YAML, a YAML list, malformed YAML, a typo key, an odd number of overrides."""
     cases = {

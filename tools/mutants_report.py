@@ -20,6 +20,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("globs", nargs="*", help="mutant-name globs (default: all)")
     parser.add_argument("--root", default="mutants", help="mutmut's folder (default: mutants)")
+    parser.add_argument(
+        "--list", choices=["unchecked", "not-killed"],
+        help="print only the names of the mutants not checked yet (to resume an interrupted "
+             "run) or not killed (to rerun them after adding tests), one per line",
+    )
     args = parser.parse_args(argv)
 
     by_module = collections.defaultdict(collections.Counter)
@@ -34,10 +39,18 @@ def main(argv=None) -> int:
                 if args.globs and not any(fnmatch.fnmatch(mutant, g) for g in args.globs):
                     continue
                 status = status_by_exit_code[code]
+                if args.list:
+                    done = status != "not checked"
+                    killed = status in ("killed", "timeout")
+                    if (args.list == "unchecked" and not done) or (args.list == "not-killed" and done and not killed):
+                        print(mutant)
+                    continue
                 module = mutant.split(".x", 1)[0]  # resnext_det.fast.bn_fold.x_fold__mutmut_3
                 by_module[module][status] += 1
                 if status not in ("killed", "timeout", "not checked"):
                     not_killed.append((status, mutant))
+    if args.list:
+        return 0
     if not by_module:
         print(f"No mutmut results under {args.root}/: run `make mutants` first.")
         return 1
