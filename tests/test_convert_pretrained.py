@@ -3,10 +3,13 @@ loaded through MODEL.WEIGHTS into C4 and FPN detectors, and compared with the
 source model (torchvision's or timm's own network) on the same input. Every bad
 input is tried and its message checked."""
 import contextlib
+import hashlib
 import importlib.util
 import io
+import logging
 import os
 import pickle
+import re
 import subprocess
 
 import numpy as np
@@ -30,9 +33,15 @@ from resnext_det.checkpoint import (
     config_pairs,
     convert_weights,
     format_opts,
+    WeightsMetadata,
+    config_yaml,
     save_converted,
     verify_conversion,
 )
+from resnext_det.checkpoint.convert import convert_detector
+from resnext_det.checkpoint.loading import attach_weights_record
+from resnext_det.checkpoint.metadata import InputConvention
+from resnext_det.checkpoint.readers import read_weights_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_pretrained.py")
@@ -538,3 +547,362 @@ def test_detectron2_format_files(tmp_path, tv26):
     ours, ref = detector_stages(load_detector(cfg), x.flip(1)), tv_stages(tv, x)
     for s in STAGES:
         assert rel_err(ours[s], ref[s]) < TOL
+
+
+# --------------------------------------------------------------------------
+# Detector checkpoints in Detectron2 names: every tensor kept, the input
+# convention the file tells (or the flags give) recorded, --to-rgb exact
+# --------------------------------------------------------------------------
+# Detectron2's Caffe2 (BGR) ImageNet mean/std, its MODEL.PIXEL_MEAN/STD defaults and the
+# ones of its FAIR ImageNet weights; torchvision's mean/std x 255 in RGB order.
+D2_BGR_MEAN, D2_BGR_STD = (103.53, 116.28, 123.675), (57.375, 57.12, 58.395)
+TV_RGB_MEAN, TV_RGB_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def names(msg: str, token: str) -> bool:
+    """``token`` (a config key or a command-line flag) stands in ``msg`` as a word of its
+    own, ready to copy."""
+    return re.search(rf"(?<![\w.-]){re.escape(token)}(?![\w.-])", msg) is not None
+
+
+def save_detector(path, trunk, extra_tensors=(), **entries):
+    """A detector checkpoint: ``trunk`` (stem/res*) under backbone.bottom_up. (FPN), a
+    box predictor, ``extra_tensors`` and other top-level ``entries``."""
+    g = torch.Generator().manual_seed(4)
+    model = {f"backbone.bottom_up.{k}": v for k, v in trunk.items()}
+    model["backbone.fpn_lateral2.weight"] = torch.randn(8, 256, 1, 1, generator=g)
+    model["roi_heads.box_predictor.cls_score.weight"] = torch.randn(4, 8, generator=g)
+    model.update(dict(extra_tensors))
+    torch.save({"model": model, **entries}, path)
+    return model
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_detector_with_bgr_pixel_buffers_made_rgb_flips_stem_and_buffers(tmp_path, tv26, caplog):
+    """An old Detectron2 checkpoint with pixel_mean/pixel_std buffers (the mean is Detectron2's
+    BGR one, rounded): BGR is read from the file; --to-rgb reverses the stem conv's input
+    channels and both buffers, every other tensor is kept as is."""
+    _, _, r = tv26
+    path = tmp_path / "old_d2.pth"
+    src = save_detector(path, r.state_dict, {
+        "pixel_mean": torch.tensor([103.5, 116.3, 123.7]).view(3, 1, 1),  # as Detectron2 stored it
+        "pixel_std": torch.tensor(D2_BGR_STD),
+    })
+    # The file does not tell the stride placement: without it, the message names the key and flag.
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(path), progress=False)
+    msg = str(e.value)
+    assert repr(str(path)) in msg and names(msg, "MODEL.RESNEXT.STRIDE_IN_1X1") and names(msg, "--stride-in-1x1")
+    assert not names(msg, "INPUT.FORMAT") and not names(msg, "MODEL.PIXEL_MEAN")
+
+    with caplog.at_level(logging.INFO, logger="resnext_det"):
+        r2 = convert_weights(str(path), stride_in_1x1=False, to_rgb=True, progress=False)
+    assert r2.format == "detector" and r2.dropped == [] and r2.flipped_to_rgb is True
+    stem = "backbone.bottom_up.stem.conv1.weight"
+    assert torch.equal(r2.state_dict[stem], src[stem].flip(1))
+    assert torch.equal(r2.state_dict["pixel_mean"], torch.tensor([123.7, 116.3, 103.5]).view(3, 1, 1))
+    assert torch.equal(r2.state_dict["pixel_std"], torch.tensor(TV_RGB_STD))
+    assert set(r2.state_dict) == set(src)
+    assert all(torch.equal(r2.state_dict[k], v) for k, v in src.items() if k not in (stem, "pixel_mean", "pixel_std"))
+    m = r2.metadata
+    assert m.kind == "detector" and m.input.format == "RGB"
+    assert m.input.pixel_mean == pytest.approx((123.7, 116.3, 103.5)) and m.input.pixel_std == pytest.approx(TV_RGB_STD)
+    assert (m.arch.cardinality, m.arch.bottleneck_width, m.arch.stage_blocks) == (4, 4, (2, 2, 2, 2))
+    assert m.arch.stride_in_1x1 is False
+    assert m.source["format"] == "detector" and m.source["file"] == "old_d2.pth"
+    assert m.source["sha256"] == sha256_of(path) and m.source["flipped_to_rgb"] is True
+    logs = [rec.getMessage() for rec in caplog.records if "--to-rgb" in rec.getMessage()]
+    assert len(logs) == 1 and names(logs[0], "--to-rgb") and "BGR -> RGB" in logs[0]
+    # Written and read back: the recorded convention is the flipped one.
+    save_converted(r2, str(tmp_path / "rgb.pth"))
+    ckpt = torch.load(tmp_path / "rgb.pth", weights_only=True)
+    assert ckpt["resnext_det"]["input"]["format"] == "RGB" and "matching_heuristics" not in ckpt
+    # The library call without to_rgb keeps the file's BGR input, nothing flipped.
+    r3 = convert_detector(read_weights_file(str(path)), stride_in_1x1=False)
+    assert r3.metadata.input.format == "BGR" and r3.flipped_to_rgb is False
+    assert torch.equal(r3.state_dict[stem], src[stem])
+
+
+def test_detector_with_rgb_pixel_buffers_needs_no_flip(tmp_path, tv26, caplog):
+    """pixel_mean in RGB order (torchvision's x 255): RGB, and --to-rgb changes nothing."""
+    _, _, r = tv26
+    path = tmp_path / "rgb_det.pth"
+    src = save_detector(path, r.state_dict, {"pixel_mean": torch.tensor(TV_RGB_MEAN), "pixel_std": torch.tensor(TV_RGB_STD)},
+                        __author__="someone")
+    with caplog.at_level(logging.INFO, logger="resnext_det"):
+        r2 = convert_weights(str(path), stride_in_1x1=False, to_rgb=True, progress=False)
+    assert r2.metadata.input.format == "RGB" and r2.metadata.input.pixel_mean == pytest.approx(TV_RGB_MEAN)
+    assert r2.flipped_to_rgb is False and r2.metadata.source["flipped_to_rgb"] is False
+    assert all(torch.equal(r2.state_dict[k], v) for k, v in src.items())
+    logs = [rec.getMessage() for rec in caplog.records if "--to-rgb" in rec.getMessage()]
+    assert len(logs) == 1 and names(logs[0], "--to-rgb") and "RGB" in logs[0] and "BGR -> RGB" not in logs[0]
+    # Without --to-rgb: nothing flipped either.
+    r3 = convert_weights(str(path), stride_in_1x1=False, progress=False)
+    assert r3.flipped_to_rgb is False and r3.metadata.source["flipped_to_rgb"] is False
+
+
+def test_detector_trained_here_keeps_its_recorded_convention(tmp_path, tv26):
+    """A checkpoint a resnext_det training wrote (its WeightsRecord: BGR, FAIR's std, stride
+    in the 3x3 conv): converted to RGB without any flag; one that records no architecture
+    (a Detectron2-ResNet trunk) needs the stride placement."""
+    _, _, r = tv26
+    arch = r.metadata.arch.replace(stride_in_1x1=False)
+    fair = InputConvention("BGR", "0-255", D2_BGR_MEAN, D2_BGR_STD)
+    rec = WeightsMetadata(kind="detector", input=fair, arch=arch).to_dict()
+    path = tmp_path / "model_final.pth"
+    src = save_detector(path, r.state_dict, resnext_det=rec)
+    r2 = convert_weights(str(path), to_rgb=True, progress=False)
+    m = r2.metadata
+    assert m.input.format == "RGB" and m.input.pixel_mean == TV_RGB_MEAN and m.input.pixel_std == TV_RGB_STD
+    assert m.arch.stride_in_1x1 is False and m.arch.cardinality == 4
+    assert m.source["origin"] == "a resnext_det detector"
+    stem = "backbone.bottom_up.stem.conv1.weight"
+    assert torch.equal(r2.state_dict[stem], src[stem].flip(1))
+    # An explicit --convention wins over the record.
+    r3 = convert_weights(str(path), convention="msra", progress=False)
+    assert r3.metadata.input.pixel_std == (1.0, 1.0, 1.0) and r3.metadata.arch.stride_in_1x1 is True
+
+    rec["arch"] = None
+    save_detector(tmp_path / "no_arch.pth", r.state_dict, resnext_det=rec)
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(tmp_path / "no_arch.pth"), progress=False)
+    msg = str(e.value)
+    assert names(msg, "MODEL.RESNEXT.STRIDE_IN_1X1") and names(msg, "--stride-in-1x1") and not names(msg, "INPUT.FORMAT")
+    r4 = convert_weights(str(tmp_path / "no_arch.pth"), stride_in_1x1=True, progress=False)
+    assert r4.metadata.input.format == "BGR" and r4.metadata.arch.stride_in_1x1 is True
+
+
+def test_detector_that_tells_nothing_needs_the_convention_flags(tmp_path, tv26):
+    """No buffers, no author, no record: the message names the four keys and the flags; then
+    --convention gives them (Detectron's MSRA weights: BGR, std 1, stride in the 1x1 conv),
+    and --pixel-mean / --pixel-std / --stride-in-1x1 override it."""
+    _, _, r = tv26
+    path = tmp_path / "someones.pth"
+    save_detector(path, r.state_dict)
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(path), progress=False)
+    msg = str(e.value)
+    assert repr(str(path)) in msg
+    for token in ("INPUT.FORMAT", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "MODEL.RESNEXT.STRIDE_IN_1X1",
+                  "--convention", "--pixel-mean", "--pixel-std", "--stride-in-1x1"):
+        assert names(msg, token), token
+    for c in ("fair", "detectron1", "msra", "torchvision"):
+        assert c in msg
+
+    m = convert_weights(str(path), convention="msra", progress=False).metadata
+    assert (m.input.format, m.input.pixel_mean, m.input.pixel_std) == ("BGR", D2_BGR_MEAN, (1.0, 1.0, 1.0))
+    assert m.arch.stride_in_1x1 is True
+    m = convert_weights(str(path), convention="torchvision", pixel_mean=[1.0, 2.0, 3.0], pixel_std=[4.0, 5.0, 6.0],
+                        stride_in_1x1=True, progress=False).metadata
+    assert (m.input.format, m.input.pixel_mean, m.input.pixel_std) == ("RGB", (1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
+    assert m.arch.stride_in_1x1 is True
+
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(path), convention="caffe", progress=False)
+    assert "'caffe'" in str(e.value) and names(str(e.value), "--convention") and "msra" in str(e.value)
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(path), convention="fair", pixel_std=[0.0, 1.0, 1.0], progress=False)
+    assert names(str(e.value), "--pixel-std") and "positive" in str(e.value)
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(path), fmt="torchvision", progress=False)
+    assert names(str(e.value), "--format") and "auto" in str(e.value)
+
+
+def test_detector_without_a_resnet_trunk_or_of_another_arch_is_refused(tmp_path, tv26):
+    _, _, r = tv26
+    path = tmp_path / "other_backbone.pth"
+    keys = [f"backbone.fpn_lateral{i}.weight" for i in range(2, 6)] + ["backbone.vit.blocks.0.w", "roi_heads.x.w"]
+    torch.save({"model": {k: torch.zeros(2) for k in keys}}, path)
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(path), convention="fair", progress=False)
+    msg = str(e.value)
+    assert repr(str(path)) in msg and "backbone.bottom_up.stem" in msg and "backbone.fpn_lateral2.weight" in msg
+    # --arch is checked against the detector's trunk (the tiny one is no X-50-32x4d).
+    save_detector(tmp_path / "tiny.pth", r.state_dict)
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(tmp_path / "tiny.pth"), arch="X-50-32x4d", convention="fair", progress=False)
+    assert names(str(e.value), "--arch") and "X-50-32x4d" in str(e.value) and "C=4, d=4" in str(e.value)
+
+
+# --------------------------------------------------------------------------
+# A detector checkpoint of other head shapes than the config builds: the message names
+# the config key that made the file's shapes, with the file's value
+# --------------------------------------------------------------------------
+def tiny_cfg(kind, *opts):
+    cfg = get_cfg()
+    add_resnext_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", f"Base-ResNeXt-{kind}.yaml"))
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNEXT.PRESET", "", "MODEL.RESNEXT.STAGE_BLOCKS", [1, 1, 1, 1],
+        "MODEL.RESNEXT.CARDINALITY", 2, "MODEL.RESNEXT.BOTTLENECK_WIDTH", 4, "MODEL.RESNEXT.STEM_OUT_CHANNELS", 8,
+        "MODEL.RESNEXT.RES2_OUT_CHANNELS", 16, "MODEL.FPN.OUT_CHANNELS", 16, "MODEL.ROI_BOX_HEAD.FC_DIM", 16,
+        "MODEL.ROI_MASK_HEAD.CONV_DIM", 8, "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", [8], "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32,
+        *opts,
+    ])  # fmt: skip
+    return cfg
+
+
+MASK, KP, PANOPTIC = ["MODEL.MASK_ON", True], ["MODEL.KEYPOINT_ON", True], ["MODEL.META_ARCHITECTURE", "PanopticFPN"]
+# (base, the file's config, the loading config, what the message must name, what it must not)
+SHAPE_CASES = {
+    "classes": ("FPN", [*MASK, "MODEL.ROI_HEADS.NUM_CLASSES", 5], [*MASK, "MODEL.ROI_HEADS.NUM_CLASSES", 3],
+                ["MODEL.ROI_HEADS.NUM_CLASSES 5"], ["CLS_AGNOSTIC", "CONV_DIM"]),
+    "agnostic": ("FPN", [*MASK, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True, "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", True],
+                 MASK, ["MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG True", "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK True"],
+                 ["NUM_CLASSES", "CONV_DIM"]),
+    "keypoints": ("FPN", [*KP, "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", 17], [*KP, "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", 5],
+                  ["MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS 17"], ["NUM_CLASSES"]),
+    "retinanet_classes": ("RetinaNet", ["MODEL.RETINANET.NUM_CLASSES", 5], ["MODEL.RETINANET.NUM_CLASSES", 3],
+                          ["MODEL.RETINANET.NUM_CLASSES 5"], ["MODEL.ANCHOR_GENERATOR", "head.bbox_pred"]),
+    "retinanet_anchors": ("RetinaNet", ["MODEL.RETINANET.NUM_CLASSES", 5],
+                          ["MODEL.RETINANET.NUM_CLASSES", 5, "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[1.0]]],
+                          ["MODEL.RETINANET.NUM_CLASSES 5", "head.bbox_pred"], []),
+    "semseg": ("FPN", [*PANOPTIC, *MASK, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 54],
+               [*PANOPTIC, *MASK, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 10], ["MODEL.SEM_SEG_HEAD.NUM_CLASSES 54"], ["ROI_HEADS"]),
+    # The RPN and box heads' shapes follow the FPN's width: only the width is named for them.
+    "fpn_width": ("FPN", [*MASK, "MODEL.FPN.OUT_CHANNELS", 16], [*MASK, "MODEL.FPN.OUT_CHANNELS", 32],
+                  ["MODEL.FPN.OUT_CHANNELS 16", "MODEL.ROI_MASK_HEAD.CONV_DIM"], ["MODEL.ANCHOR_GENERATOR", "FC_DIM"]),
+    "rpn_anchors": ("FPN", [], ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[1.0]]],
+                    ["MODEL.ANCHOR_GENERATOR.SIZES", "ASPECT_RATIOS"], ["MODEL.FPN", "ROI_BOX_HEAD"]),
+    "box_head": ("FPN", [], ["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 5],
+                 ["MODEL.ROI_BOX_HEAD.FC_DIM", "POOLER_RESOLUTION"], ["NUM_CLASSES", "MODEL.FPN"]),
+    "mask_head": ("FPN", MASK, [*MASK, "MODEL.ROI_MASK_HEAD.CONV_DIM", 16], ["MODEL.ROI_MASK_HEAD.CONV_DIM", "NUM_CONV"],
+                  ["ROI_BOX_HEAD", "MODEL.FPN"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(SHAPE_CASES))
+def test_detector_of_other_head_shapes_names_the_key_and_the_file_value(tmp_path, case):
+    kind, file_opts, cfg_opts, named, not_named = SHAPE_CASES[case]
+    trained_cfg = tiny_cfg(kind, *file_opts)
+    trained = build_model(trained_cfg)
+    ck = ResNeXtCheckpointer(trained, str(tmp_path))  # as the trainer writes model_final.pth
+    attach_weights_record(ck, trained_cfg)
+    ck.save("model_final")
+    cfg = tiny_cfg(kind, *cfg_opts)
+    with pytest.raises(WeightsConfigError) as e:
+        ResNeXtCheckpointer(build_model(cfg), cfg=cfg, require="all").load(str(tmp_path / "model_final.pth"))
+    fixes = str(e.value).split("; set ", 1)[1]
+    for token in named:
+        key, _, value = token.partition(" ")
+        assert names(fixes, key), (token, fixes)
+        if value:  # the file's value, and no other
+            assert set(re.findall(rf"{re.escape(key)} (\S+?)(?=\.?(?:\s|$))", fixes)) == {value}, (token, fixes)
+    for token in not_named:
+        assert token not in fixes, (token, fixes)
+    assert "None" not in fixes
+    if "head.bbox_pred" not in named:  # every tensor here comes from a head the message knows
+        assert "the keys that build" not in fixes, fixes
+
+
+def test_retinanet_file_without_its_box_branch_names_classes_and_anchors(tmp_path):
+    """The class count of a RetinaNet head needs the anchors per position (from its box
+    branch): without it, both keys are named."""
+    trained = build_model(tiny_cfg("RetinaNet", "MODEL.RETINANET.NUM_CLASSES", 5))
+    sd = {k: v for k, v in trained.state_dict().items() if not k.startswith("head.bbox_pred.")}
+    torch.save({"model": sd}, tmp_path / "retinanet.pth")
+    cfg = tiny_cfg("RetinaNet", "MODEL.RETINANET.NUM_CLASSES", 3)
+    with pytest.raises(WeightsConfigError) as e:
+        ResNeXtCheckpointer(build_model(cfg), cfg=cfg, require="all").load(str(tmp_path / "retinanet.pth"))
+    fixes = str(e.value).split("; set ", 1)[1]
+    assert names(fixes, "MODEL.RETINANET.NUM_CLASSES") and names(fixes, "MODEL.ANCHOR_GENERATOR")
+    assert "MODEL.RETINANET.NUM_CLASSES 5" not in fixes  # not knowable from the file
+
+
+# --------------------------------------------------------------------------
+# .pkl files through MODEL.WEIGHTS: read as Detectron2's own checkpointer reads them
+# --------------------------------------------------------------------------
+def test_pkl_files_are_read_as_detectron2_reads_them(tmp_path):
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    files = {
+        "zoo.pkl": {"model": {"backbone.w": w}, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True},
+        "caffe2.pkl": {"blobs": {"conv1_w": w, "conv1_w_momentum": w * 0, "res2_0_branch2a_w": w}},
+        "flat.pkl": {"conv1_w": w, "fc1000_w_momentum": w * 0},
+        "model_only.pkl": {"model": {"conv1_w": w}},  # no __author__: Detectron2 takes it for Caffe2's
+    }
+    for name, data in files.items():
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(data, f, protocol=2)
+        ref = DetectionCheckpointer(nn.Linear(1, 1))._load_file(str(tmp_path / name))
+        ours = ResNeXtCheckpointer(nn.Linear(1, 1))._load_file(str(tmp_path / name))
+        assert {k: v for k, v in ours.items() if k != "model"} == {k: v for k, v in ref.items() if k != "model"}, name
+        assert ours["model"].keys() == ref["model"].keys(), name
+        for k, v in ref["model"].items():
+            assert type(ours["model"][k]) is type(v) and (not isinstance(v, np.ndarray) or np.array_equal(ours["model"][k], v))
+
+
+def test_unconverted_files_name_the_convert_command_with_an_output_name(tmp_path, tv26):
+    """The command printed for a raw or unrecorded file is the input file and an output named
+    after it (*-d2.pth, a name save_converted accepts)."""
+    tv, d, r = tv26
+    cfg = detector_cfg("FPN", config_pairs(r.metadata, str(d / "tv26.pth")))
+    with pytest.raises(WeightsConfigError) as e:
+        load_detector(cfg)
+    assert f"tools/convert_pretrained.py {d / 'tv26.pth'} tv26-d2.pth" in str(e.value)
+    torch.save({"model": r.state_dict}, tmp_path / "backbone.v2.pth")  # Detectron2 names, nothing recorded
+    cfg = detector_cfg("FPN", config_pairs(r.metadata, str(tmp_path / "backbone.v2.pth")))
+    with pytest.raises(WeightsConfigError) as e:
+        load_detector(cfg)
+    msg = str(e.value)
+    assert f"tools/convert_pretrained.py {tmp_path / 'backbone.v2.pth'} backbone.v2-d2.pth" in msg
+    assert names(msg, "--format") and names(msg, "detectron2") and names(msg, "--convention")
+
+
+def test_truncated_file_message_gives_its_size_and_the_error(tmp_path, tv26):
+    _, d, _ = tv26
+    data = open(d / "tv26-d2.pth", "rb").read()
+    path = tmp_path / "cut.pth"
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointReadError) as e:
+        convert_weights(str(path), progress=False)
+    msg = str(e.value)
+    assert repr(str(path)) in msg and f"({len(data) // 3} bytes)" in msg
+    cause = e.value.__cause__
+    assert cause is not None and type(cause).__name__ in msg and str(cause)[:40] in msg
+    assert "truncated" in msg and "sha256" in msg
+
+
+def test_config_yaml_reads_back_in_detectron2(tmp_path):
+    pairs = [("MODEL.WEIGHTS", "w.pth"), ("MODEL.RESNEXT.CARDINALITY", 4), ("MODEL.PIXEL_STD", [1.0, 2.0, 3.0]),
+             ("INPUT.FORMAT", "BGR"), ("MODEL.RESNEXT.STRIDE_IN_1X1", True)]
+    base = os.path.join(ROOT, "configs", "Base-ResNeXt-FPN.yaml")
+    for header in ("", "Made here.\n\nTwo paragraphs.  "):
+        text = config_yaml(pairs, base=base, header=header) if header else config_yaml(pairs, base=base)
+        lines = text.splitlines()
+        assert all(line == line.rstrip() for line in lines)  # no trailing blanks
+        assert sum(line.startswith("#") for line in lines) == len(header.splitlines())
+        (tmp_path / "c.yaml").write_text(text)
+        cfg = get_cfg()
+        add_resnext_config(cfg)
+        cfg.merge_from_file(str(tmp_path / "c.yaml"))
+        assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"  # from the base
+        for k, v in pairs:
+            node = cfg
+            for part in k.split("."):
+                node = node[part]
+            assert (list(node) if isinstance(v, list) else node) == v, k
+
+
+def test_zoo_resnet_detector_warning_gives_the_zoo_values_to_check(tmp_path):
+    """A Detectron2 model-zoo ResNet (C=1) detector does not tell its PIXEL_STD or stride
+    placement: the one-line warning names both keys, with the values Detectron2's zoo trained
+    them with (MSRA R-*: std [1, 1, 1], stride in the 1x1 conv; 2021 LSJ baselines: FAIR's std;
+    GN models: [1, 1, 1], stride in the 3x3); another project's detector gets no zoo hint."""
+    from resnext_det.checkpoint.layout import detector_convention
+
+    torch.save(tv_resnext(layers=(1, 1, 1, 1), groups=1, width=64).state_dict(), tmp_path / "r14.pth")
+    trunk = convert_weights(str(tmp_path / "r14.pth"), progress=False).state_dict
+    tensors = {f"backbone.bottom_up.{k}": v for k, v in trunk.items()}
+    w = detector_convention(tensors, {"__author__": "Detectron2 Model Zoo"}).warning("MODEL.WEIGHTS = 'zoo.pkl'")
+    assert "\n" not in w and "MODEL.WEIGHTS = 'zoo.pkl'" in w and not names(w, "INPUT.FORMAT")
+    assert names(w, "MODEL.PIXEL_STD") and names(w, "MODEL.RESNEXT.STRIDE_IN_1X1")
+    assert "MODEL.PIXEL_STD, MODEL.RESNEXT.STRIDE_IN_1X1" in w  # the unknown keys, listed
+    assert names(w, "MODEL.PIXEL_STD [1, 1, 1]") and names(w, "MODEL.RESNEXT.STRIDE_IN_1X1 True")  # MSRA R-*
+    assert "[57.375, 57.12, 58.395] and True" in w and "[1, 1, 1] and False" in w  # LSJ; GN
+    assert "MSRA" in w and "GN" in w and "None" not in w
+    other = detector_convention(tensors, {"__author__": "someone"}).warning("MODEL.WEIGHTS = 'x.pth'")
+    assert names(other, "INPUT.FORMAT") and names(other, "MODEL.PIXEL_STD") and "[1, 1, 1]" not in other
+    assert "None" not in other
