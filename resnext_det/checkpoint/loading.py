@@ -346,7 +346,7 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
         if shapes:
             parts.append(
                 f"{len(shapes)} have another shape, e.g. {shapes[:3]}: the file holds another model "
-                f"than the config builds; set {' and '.join(_shape_fixes(other, provided))}"
+                f"than the config builds; set {' and '.join(_shape_fixes(other, provided, model_sd))}"
             )
         scope = "backbone tensors" if backbone else "model tensors"
         raise WeightsConfigError(
@@ -359,36 +359,55 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
 _BACKBONE_KEY = re.compile(r"(^|\.)(stem|res[2-5])\.")
 
 
-def _shape_fixes(keys: List[str], provided) -> List[str]:
+def _shape_fixes(keys: List[str], provided, model_sd) -> List[str]:
     """The config keys that set the shapes of ``keys`` (tensors whose shape differs
     between the file and the model), with the value the file implies where its shape
     tells it: a head trained for 3 classes names ``MODEL.ROI_HEADS.NUM_CLASSES 3``,
-    a backbone of another size the ``MODEL.RESNEXT`` keys."""
+    a backbone of another size the ``MODEL.RESNEXT`` keys. A predictor whose class
+    dimension agrees differs in its input width: that names the head's width keys, not
+    the class count the config already has."""
     fixes: Dict[str, None] = {}  # ordered set
     trained = "(the number of classes the file's heads were trained for)"
+
+    def size(sd, key, dim=0):
+        t = sd.get(key)
+        return t.shape[dim] if t is not None and t.dim() > dim else 0
+
     for k in keys:
-        out = provided[k].shape[0] if provided[k].dim() else 0
-        if re.search(r"box_predictor\.(\d+\.)?cls_score\.", k):  # K classes + background
+        out = size(provided, k)
+        classes_differ = out != size(model_sd, k)  # dimension 0: classes (x boxes, x anchors)
+        if re.search(r"box_predictor\.(\d+\.)?cls_score\.", k) and classes_differ:  # K classes + background
             fixes[f"MODEL.ROI_HEADS.NUM_CLASSES {out - 1} {trained}"] = None
-        elif re.search(r"box_predictor\.(\d+\.)?bbox_pred\.", k):
+        elif re.search(r"box_predictor\.(\d+\.)?bbox_pred\.", k) and classes_differ:
             fix = ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG True" if out == 4
                    else f"MODEL.ROI_HEADS.NUM_CLASSES {out // 4} {trained}")
             fixes[fix] = None
-        elif re.search(r"mask_head\.predictor\.", k):
+        elif re.search(r"mask_head\.predictor\.", k) and classes_differ:
             fix = ("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK True" if out == 1
                    else f"MODEL.ROI_HEADS.NUM_CLASSES {out} {trained}")
             fixes[fix] = None
         elif re.search(r"keypoint_head\.score_lowres\.", k):  # ConvTranspose2d: (in, K, k, k)
-            n = provided[k].shape[1] if provided[k].dim() > 1 else out
-            fixes[f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS {n} (the file's keypoint head has {n})"] = None
-        elif re.search(r"(^|\.)head\.cls_score\.", k):  # RetinaNet: anchors x classes
-            box = provided.get(k.replace("cls_score", "bbox_pred"))
-            anchors = box.shape[0] // 4 if box is not None and box.dim() else 0
-            n = out // anchors if anchors else None
-            fixes[f"MODEL.RETINANET.NUM_CLASSES {n} {trained}" if n
-                  else "MODEL.RETINANET.NUM_CLASSES / MODEL.ANCHOR_GENERATOR (classes x anchors)"] = None
-        elif re.search(r"sem_seg_head\.predictor\.", k):
+            n = size(provided, k, 1) if provided[k].dim() > 1 else out
+            if n != (size(model_sd, k, 1) if provided[k].dim() > 1 else size(model_sd, k)):
+                fixes[f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS {n} (the file's keypoint head has {n})"] = None
+            else:
+                fixes["MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS (the file's keypoint head differs)"] = None
+        elif re.search(r"(^|\.)head\.(cls_score|bbox_pred)\.", k):  # RetinaNet: anchors x classes, anchors x 4
+            cls, box = (k.replace("bbox_pred", "cls_score"), k.replace("cls_score", "bbox_pred"))
+            anchors, anchors_model = size(provided, box) // 4, size(model_sd, box) // 4
+            if anchors and anchors != anchors_model:
+                fixes[f"MODEL.ANCHOR_GENERATOR.SIZES / ASPECT_RATIOS (the file's RetinaNet has {anchors} anchors "
+                      f"per position, the model {anchors_model})"] = None
+            elif anchors and size(provided, cls) != size(model_sd, cls):
+                fixes[f"MODEL.RETINANET.NUM_CLASSES {size(provided, cls) // anchors} {trained}"] = None
+            elif not anchors:
+                fixes["MODEL.RETINANET.NUM_CLASSES / MODEL.ANCHOR_GENERATOR (classes x anchors)"] = None
+            else:
+                fixes["MODEL.FPN.OUT_CHANNELS / MODEL.RETINANET.NUM_CONVS (the file's RetinaNet head differs)"] = None
+        elif re.search(r"sem_seg_head\.predictor\.", k) and classes_differ:
             fixes[f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {out} {trained}"] = None
+        elif re.search(r"sem_seg_head\.", k):
+            fixes["MODEL.SEM_SEG_HEAD.CONVS_DIM / COMMON_STRIDE / IN_FEATURES (the file's semantic head differs)"] = None
         elif _BACKBONE_KEY.search(k):
             fixes["MODEL.RESNEXT.PRESET / DEPTH / CARDINALITY / BOTTLENECK_WIDTH / STEM_OUT_CHANNELS / "
                   "RES2_OUT_CHANNELS (the file's backbone has another architecture)"] = None
@@ -397,11 +416,13 @@ def _shape_fixes(keys: List[str], provided) -> List[str]:
         elif "rpn_head." in k:
             fixes["MODEL.ANCHOR_GENERATOR.SIZES / ASPECT_RATIOS (anchors per position; the file's RPN head "
                   "differs)"] = None
-        elif "box_head." in k:
+        elif "box_head." in k or "box_predictor." in k:
             fixes["MODEL.ROI_BOX_HEAD.FC_DIM / NUM_FC / CONV_DIM / NUM_CONV / POOLER_RESOLUTION (the file's box "
                   "head differs)"] = None
         elif "mask_head." in k:
             fixes["MODEL.ROI_MASK_HEAD.CONV_DIM / NUM_CONV (the file's mask head differs)"] = None
+        elif "keypoint_head." in k:
+            fixes["MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS (the file's keypoint head differs)"] = None
         else:
             fixes[f"the keys that build {k.rsplit('.', 1)[0]} (or point MODEL.WEIGHTS at a file of this model)"] = None
     if any(f.startswith("MODEL.FPN.") for f in fixes):  # the RPN and box heads' shapes follow its width
