@@ -163,7 +163,9 @@ def _field(obj, name: str, default=None):
 
 
 def _typename(obj) -> str:
-    t = obj.torch_typename() if hasattr(obj, "torch_typename") else type(obj).__name__
+    # torchfile's plain Lua tables answer any attribute with None: only a class has a name.
+    name = getattr(obj, "torch_typename", None)
+    t = name() if callable(name) else "a Lua table" if isinstance(obj, dict) else type(obj).__name__
     return t.decode() if isinstance(t, bytes) else str(t)
 
 
