@@ -8,12 +8,14 @@ it). References are independent of the code under test: the published URLs and
 hashes as written in torchvision / Detectron2 / facebookresearch/ResNeXt, the
 source networks (torchvision, timm), and Detectron2's own detector."""
 import contextlib
+import errno
 import hashlib
 import http.server
 import io
 import logging
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -40,7 +42,7 @@ from resnext_det.checkpoint import (
     fetch_weights,
     resolve_source,
 )
-from resnext_det.checkpoint.sources import cached_paths
+from resnext_det.checkpoint.sources import cached_paths, named_sources
 
 from test_convert_pretrained import (
     ROOT,
@@ -381,6 +383,7 @@ print(fetch_weights(sys.argv[1], progress=False))
 """
 
 
+@pytest.mark.slow  # subprocesses, several seconds: left out of `make mutants`
 def test_two_processes_starting_together_download_once(tmp_path):
     data = torch_bytes(tv_resnext(seed=2).state_dict())
     server = FileServer({"/w/x26.pth": data}, delay_s=1.5 / (len(data) >> 16))  # 1.5 s per download
@@ -660,3 +663,404 @@ def test_train_net_starts_from_nothing_with_a_shipped_config(tmp_path):
     assert "Loaded all" in log and "torch7://resnext_101_32x4d" in log
     final = torch.load(tmp_path / "run1" / "model_final.pth", weights_only=True)
     assert torch.equal(final["model"]["backbone.bottom_up.stem.conv1.weight"], tv.state_dict()["conv1.weight"])
+
+
+# --------------------------------------------------------------------------
+# Every catalogued name, and the same files by URL, against what each source
+# publishes (issue #16: mutation testing of sources.py)
+# --------------------------------------------------------------------------
+# torchvision's ResNeXt/ResNet weights enums (torchvision/models/resnet.py), with the
+# preset each trunk is. Their ImageNet-1K acc@1 as torchvision's weights tables publish
+# them (docs: pytorch.org/vision/stable/models.html; "_metrics" in the enums' meta).
+TV_MODELS = {
+    "resnext50_32x4d": "X-50-32x4d", "resnext101_32x8d": "X-101-32x8d", "resnext101_64x4d": "X-101-64x4d",
+    "resnet50": "R-50", "resnet101": "R-101", "resnet152": "R-152",
+}
+TV_TOP1 = {
+    "resnext50_32x4d.IMAGENET1K_V1": 77.618, "resnext50_32x4d.IMAGENET1K_V2": 81.198,
+    "resnext101_32x8d.IMAGENET1K_V1": 79.312, "resnext101_32x8d.IMAGENET1K_V2": 82.834,
+    "resnext101_64x4d.IMAGENET1K_V1": 83.246,
+    "resnet50.IMAGENET1K_V1": 76.13, "resnet50.IMAGENET1K_V2": 80.858,
+    "resnet101.IMAGENET1K_V1": 77.374, "resnet101.IMAGENET1K_V2": 81.886,
+    "resnet152.IMAGENET1K_V1": 78.312, "resnet152.IMAGENET1K_V2": 82.284,
+}
+# Detectron2's ImageNet files (its configs' MODEL.WEIGHTS; MODEL_ZOO.md for torchvision/R-50).
+D2_IMAGENET = {
+    "ImageNetPretrained/MSRA/R-50.pkl": "R-50", "ImageNetPretrained/MSRA/R-101.pkl": "R-101",
+    "ImageNetPretrained/FAIR/X-101-32x8d.pkl": "X-101-32x8d", "ImageNetPretrained/torchvision/R-50.pkl": "R-50",
+}
+# Detectron (v1)'s ResNe(X)t ImageNet files in Detectron2's ModelCatalog (the GN ones are
+# not plain ResNets), with the architecture their names say.
+CATALOG_ARCH = {
+    "MSRA/R-50": "R-50", "MSRA/R-101": "R-101", "FAIR/X-101-32x8d": "X-101-32x8d",
+    "FAIR/X-101-64x4d": "X-101-64x4d", "FAIR/X-152-32x8d-IN5k": "X-152-32x8d",
+}
+# facebookresearch/ResNeXt README: the Torch7 models and their top-1 error (%).
+TORCH7_ERR = {"resnext_50_32x4d": 22.2, "resnext_101_32x4d": 21.2, "resnext_101_64x4d": 20.4}
+
+
+def _expected_named_sources():
+    """{name: (url, sha256, arch, top1, the source's own name)} from the sources' own code and docs."""
+    import torchvision
+    from detectron2.checkpoint.catalog import ModelCatalog
+
+    out = {}
+    for model, arch in TV_MODELS.items():
+        enum = torchvision.models.get_model_weights(model)
+        for w in enum:  # the members, without the DEFAULT alias
+            filename = w.url.rsplit("/", 1)[-1]
+            out[f"torchvision://{model}.{w.name}"] = (
+                w.url, torch.hub.HASH_REGEX.search(filename).group(1), arch, TV_TOP1[f"{model}.{w.name}"],
+                f"{enum.__name__}.{w.name}",
+            )
+    for path, arch in D2_IMAGENET.items():
+        out[f"detectron2://{path}"] = (f"https://dl.fbaipublicfiles.com/detectron2/{path}", "", arch, None, path)
+    for sub, arch in CATALOG_ARCH.items():
+        url = ModelCatalog.get(f"ImageNetPretrained/{sub}")
+        out[f"catalog://ImageNetPretrained/{sub}"] = (url, "", arch, None, url.split("/detectron/", 1)[1])
+    for name, err in TORCH7_ERR.items():
+        arch = "X-{}-{}".format(*name.split("_")[1:])
+        out[f"torch7://{name}"] = (
+            f"https://dl.fbaipublicfiles.com/resnext/imagenet_models/{name}.t7", "", arch, round(100 - err, 1),
+            f"{name}.t7",
+        )
+    return out
+
+
+def test_named_sources_are_every_published_resnext_file_as_its_source_describes_it():
+    expected = _expected_named_sources()
+    got = {s.name: s for s in named_sources()}
+    assert sorted(got) == sorted(expected)
+    for name, (url, sha, arch, top1, own_name) in expected.items():
+        src = got[name]
+        assert (src.url, src.sha256, src.arch) == (url, sha, arch), name
+        assert src.top1 == (pytest.approx(top1) if top1 is not None else None), name
+        assert own_name in src.what, (name, src.what)
+        assert src.filename == url.rsplit("/", 1)[-1], name
+
+
+@pytest.mark.parametrize("zoo_config", [
+    "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml",
+    "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml",
+    "COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x.yaml",
+])
+def test_detectron2_imagenet_name_has_the_convention_and_trunk_of_detectron2s_config(zoo_config):
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(zoo_config))
+    src = resolve_source(cfg.MODEL.WEIGHTS)  # the name as Detectron2's own config writes it
+    r = cfg.MODEL.RESNETS
+    assert src.arch == (f"X-{r.DEPTH}-{r.NUM_GROUPS}x{r.WIDTH_PER_GROUP}d" if r.NUM_GROUPS > 1 else f"R-{r.DEPTH}")
+    inp, stride = CONVENTIONS[src.convention]
+    assert inp.format == cfg.INPUT.FORMAT and bool(stride) == r.STRIDE_IN_1X1
+    assert list(inp.pixel_mean) == pytest.approx(cfg.MODEL.PIXEL_MEAN, abs=1e-3)
+    assert list(inp.pixel_std) == pytest.approx(cfg.MODEL.PIXEL_STD, abs=1e-3)
+
+
+def test_published_urls_resolve_as_the_names_of_those_files(tmp_path):
+    """A catalogued file written as its URL is that file: the same cache entry
+    (downloads/<source>/<path>), published sha256, convention and architecture."""
+    expected = _expected_named_sources()
+    root = str(tmp_path)
+    for name, (url, sha, arch, _, _) in expected.items():
+        src = resolve_source(url)
+        host_path = url.split("://", 1)[1].split("/", 1)[1]
+        key = {
+            "torchvision": "torchvision/" + url.rsplit("/", 1)[-1],
+            "detectron2": "detectron2/" + host_path[len("detectron2/"):],
+            "catalog": "detectron/" + host_path[len("detectron/"):],
+            "torch7": "torch7/" + url.rsplit("/", 1)[-1],
+        }[name.split("://")[0]]
+        assert (src.name, src.url, src.sha256, src.arch) == (url, url, sha, arch), url
+        assert cached_paths(src, root)["download"] == os.path.join(root, "downloads", key), url
+        conv = resolve_source(name).convention  # checked above against the sources' configs
+        assert src.convention == conv and conv is not None, url
+    # A sha256 given in the URL is the one checked, and the name stays as written.
+    tv = "https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth"
+    full = "7cdf4587" + "0" * 56
+    src = resolve_source(f"{tv}#sha256={full.upper()}")
+    assert (src.name, src.url, src.sha256, src.arch) == (f"{tv}#sha256={full.upper()}", tv, full, "X-50-32x4d")
+    src = resolve_source("https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/FAIR/X-101-32x8d.pkl#sha256=abcdef01")
+    assert (src.sha256, src.convention, src.arch) == ("abcdef01", "fair", "X-101-32x8d")
+    # torchvision's quantized files carry no hash by torch.hub's rule, and hold no preset's trunk.
+    q = "https://download.pytorch.org/models/quantized/resnet50_fbgemm_bf931d71.pth"
+    assert torch.hub.HASH_REGEX.search(q.rsplit("/", 1)[-1]) is None
+    src = resolve_source(q)
+    assert (src.url, src.sha256, src.arch) == (q, "", "")
+    assert resolve_source("torchvision://quantized_resnet50.IMAGENET1K_FBGEMM_V1").sha256 == ""
+    # Another file of torchvision's server (not a ResNe(X)t): its hash, no preset.
+    src = resolve_source("https://download.pytorch.org/models/vgg16-397923af.pth")
+    assert (src.sha256, src.arch, src.convention) == ("397923af", "", "torchvision")
+
+
+def test_plain_url_cache_key_sha256_and_refusals(tmp_path):
+    name = "http://127.0.0.1:8000/w/./v1/x26.pth#sha256=ABCDEF12"
+    src = resolve_source(name)
+    assert (src.name, src.url, src.sha256) == (name, "http://127.0.0.1:8000/w/./v1/x26.pth", "abcdef12")
+    assert src.what == src.url and src.filename == "x26.pth"  # messages name the URL
+    assert src.key == "url/127.0.0.1_8000/w/v1/x26.pth"
+    assert cached_paths(src, str(tmp_path))["download"] == os.path.join(
+        str(tmp_path), "downloads", "url", "127.0.0.1_8000", "w", "v1", "x26.pth")
+    assert resolve_source("https://example.com/x26.pth").url == "https://example.com/x26.pth"
+    for bad in ("https://example.com/", "https://example.com", "https:///x26.pth", "https://example.com/w/../x26.pth"):
+        with pytest.raises(WeightsSourceError) as e:
+            resolve_source(bad)
+        assert repr(bad) in str(e.value) and "URL of a file" in str(e.value), bad
+
+
+def test_torchvision_names_other_models_and_refusals():
+    import torchvision
+
+    # resnet18 (BasicBlock) is no preset's trunk; a detector's weights report no ImageNet top-1.
+    src = resolve_source("torchvision://resnet18")
+    assert (src.url, src.arch) == (torchvision.models.ResNet18_Weights.DEFAULT.url, "")
+    src = resolve_source("torchvision://fasterrcnn_resnet50_fpn")
+    assert (src.url, src.top1) == (torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.url, None)
+    with pytest.raises(WeightsSourceError) as e:
+        resolve_source("torchvision://resnext101_32x4d")  # a paper model torchvision does not publish
+    for model in TV_MODELS:  # the message names the ones it has
+        assert model in str(e.value)
+        torchvision.models.get_model_weights(model)
+
+
+def test_timm_names_follow_timms_pretrained_cfg(monkeypatch):
+    from huggingface_hub import hf_hub_url
+    from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from timm.models import PretrainedCfg
+
+    src = resolve_source("timm://resnext50_32x4d.a1h_in1k")
+    assert (src.arch, src.pixel_mean, src.pixel_std) == ("X-50-32x4d", None, None)  # ImageNet mean/std
+    assert "resnext50_32x4d.a1h_in1k" in src.what
+    # OpenAI CLIP's mean/std (timm.data.constants), on the 0-255 scale.
+    src = resolve_source("timm://resnet50_clip.openai")
+    assert src.arch == "" and src.convention == "torchvision"
+    assert src.pixel_mean == pytest.approx([255 * v for v in OPENAI_CLIP_MEAN], abs=1e-5)
+    assert src.pixel_std == pytest.approx([255 * v for v in OPENAI_CLIP_STD], abs=1e-5)
+    # huggingface_hub's HF_ENDPOINT (a Hub mirror), with or without a trailing slash.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/hub/")
+    ref = hf_hub_url("timm/resnext50_32x4d.a1h_in1k", "model.safetensors", endpoint="http://127.0.0.1:9/hub")
+    assert resolve_source("timm://resnext50_32x4d.a1h_in1k").url == ref
+    monkeypatch.delenv("HF_ENDPOINT")
+    # A pretrained_cfg naming its Hub file (as timm's open_clip weights did).
+    import timm.models
+
+    cfg = PretrainedCfg(hf_hub_id="laion/CLIP-ViT-B-16-laion2B-s34B-b88K", hf_hub_filename="open_clip_pytorch_model.bin")
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: cfg)
+    src = resolve_source("timm://vit_base_patch16_clip_224.laion2b")
+    assert src.url == hf_hub_url(cfg.hf_hub_id, cfg.hf_hub_filename)
+    assert src.filename == "open_clip_pytorch_model.bin"
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("name", ["timm://legacy_seresnet50.in1k", "timm://resnext50_32x4d.no_such_tag"])
+def test_timm_weights_without_a_hub_file_are_refused_naming_how_to_list_them(name):
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name[len("timm://"):])
+    except RuntimeError:
+        cfg = None
+    assert cfg is None or not cfg.hf_hub_id  # timm publishes no Hub file for it
+    with pytest.raises(WeightsSourceError) as e:
+        resolve_source(name)
+    assert repr(name) in str(e.value) and "timm.list_pretrained(" in str(e.value)
+
+
+def test_timm_name_without_timm_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm.models", None)  # import fails
+    with pytest.raises(WeightsSourceError) as e:
+        resolve_source("timm://resnext50_32x4d.a1h_in1k")
+    assert "pip install timm" in str(e.value) and "timm://resnext50_32x4d.a1h_in1k" in str(e.value)
+
+
+def test_catalog_and_detectron2_names_as_detectron2_resolves_them():
+    from detectron2.checkpoint.catalog import ModelCatalog
+
+    # A ModelCatalog file of no preset (a GroupNorm trunk): its URL, nothing else known.
+    src = resolve_source("catalog://ImageNetPretrained/FAIR/R-50-GN")
+    assert (src.url, src.convention, src.arch) == (ModelCatalog.get("ImageNetPretrained/FAIR/R-50-GN"), None, "")
+    assert src.name == "catalog://ImageNetPretrained/FAIR/R-50-GN"
+    assert src.key == "detectron/" + src.url.split("/detectron/", 1)[1]
+    # ModelCatalog's names are case-sensitive: refused as Detectron2 refuses it, naming the right one.
+    with pytest.raises(RuntimeError):
+        ModelCatalog.get("imagenetpretrained/FAIR/X-101-32x8d")
+    with pytest.raises(WeightsSourceError) as e:
+        resolve_source("catalog://imagenetpretrained/FAIR/X-101-32x8d")
+    assert "'catalog://ImageNetPretrained/FAIR/X-101-32x8d'" in str(e.value)
+    # A Detectron2 zoo detector: the file model_zoo names, no ImageNet convention or trunk.
+    zoo = model_zoo.get_checkpoint_url("COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml")
+    src = resolve_source("detectron2://" + zoo.split("/detectron2/", 1)[1])
+    assert (src.url, src.convention, src.arch) == (zoo, None, "")
+
+
+# --------------------------------------------------------------------------
+# Offline: the printed command is one tools/convert_pretrained.py accepts,
+# with the options the name knows
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("name,arch,convention,mean_std", [
+    ("torchvision://resnext50_32x4d.IMAGENET1K_V2", "X-50-32x4d", None, None),  # the tool tells torchvision files
+    ("detectron2://ImageNetPretrained/FAIR/X-101-32x8d.pkl", "X-101-32x8d", "fair", None),
+    ("catalog://ImageNetPretrained/MSRA/R-101", "R-101", "msra", None),
+    ("timm://resnet50_clip.openai", None, None, "clip"),
+    ("URL/w/x26.pth", None, None, None),  # a plain URL: unknown; maybe a detector
+])
+def test_offline_message_gives_a_command_the_converter_accepts(monkeypatch, tmp_path, name, arch, convention, mean_std):
+    from test_convert_pretrained import _load_tool
+
+    port = closed_port()
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESNEXT_DET_MIRROR", f"http://127.0.0.1:{port}")
+    name = name.replace("URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(WeightsSourceError) as e:
+        fetch_weights(name, progress=False)
+    msg = str(e.value)
+    m = re.search(r"convert it yourself: python tools/convert_pretrained\.py (.*?), then set MODEL\.WEIGHTS to (.*)$", msg)
+    assert m, msg
+    args = _load_tool().parse_args(m[1].split())
+    filename = resolve_source(name).url.rsplit("/", 1)[-1]
+    out = f"{arch or os.path.splitext(filename)[0]}.pth"
+    assert (args.input, args.output, args.arch, args.convention) == (filename, out, arch, convention), msg
+    if mean_std == "clip":
+        from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        assert args.pixel_mean == pytest.approx([255 * v for v in OPENAI_CLIP_MEAN], abs=1e-3)
+        assert args.pixel_std == pytest.approx([255 * v for v in OPENAI_CLIP_STD], abs=1e-3)
+    else:
+        assert args.pixel_mean is None and args.pixel_std is None
+    if arch:  # ImageNet weights of a known trunk: the converted file is what to load
+        assert m[2] == out, msg
+    else:  # a trunk the name does not tell, perhaps a detector checkpoint: then the file itself
+        assert m[2].startswith(out + " (") and "detector checkpoint" in m[2], msg
+        assert m[2].endswith("set MODEL.WEIGHTS to the file)"), msg
+
+
+# --------------------------------------------------------------------------
+# A sha256 published on a redirect (the Hugging Face Hub's X-Linked-Etag)
+# --------------------------------------------------------------------------
+class LocalServer:
+    """127.0.0.1, for what FileServer does not do: GET /hub/<f> answers 302 to /cdn/<f>
+    with ``etag`` as X-Linked-Etag (as the Hub redirects to its CDN); /cdn/<f> serves
+    ``data``; /nolength/<f> serves it without Content-Length (the end of the body is
+    the end of the connection); /hangup closes without an answer. ``requests``: the
+    headers of every request."""
+
+    def __init__(self, data, etag=""):
+        server = self
+        self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(dict(self.headers))
+                if self.path.startswith("/hub/"):
+                    self.send_response(302)
+                    self.send_header("Location", "/cdn/" + self.path[len("/hub/"):])
+                    self.send_header("X-Linked-Etag", f'"{etag}"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif self.path.startswith(("/cdn/", "/nolength/")):
+                    self.send_response(200)
+                    if self.path.startswith("/cdn/"):
+                        self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    self.close_connection = True
+                elif self.path == "/hangup":
+                    self.close_connection = True
+                else:
+                    self.send_error(404)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.thread.join(timeout=5)
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def x26_bytes():
+    return torch_bytes(tv_resnext(seed=1).state_dict())
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_sha256_published_on_a_redirect_is_checked(monkeypatch, tmp_path, x26_bytes, right):
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESNEXT_DET_MIRROR", raising=False)
+    data = x26_bytes
+    server = LocalServer(data, sha256(data) if right else sha256(data + b"x"))
+    try:
+        if right:
+            out = fetch_weights(f"{server.url}/hub/x26.pth", progress=False)
+            assert torch.load(out, weights_only=True)["resnext_det"]["source"]["sha256"] == sha256(data)
+            # The file as it is (no content coding, so its length and sha256 are the file's),
+            # asked for by name.
+            for h in server.requests:
+                assert h["Accept-Encoding"].lower() == "identity" and "resnext_det" in h["User-Agent"], h
+        else:
+            with pytest.raises(WeightsSourceError, match="X-Linked-Etag") as e:
+                fetch_weights(f"{server.url}/hub/x26.pth", progress=False)
+            assert sha256(data + b"x")[:16] in str(e.value) and cache_files(tmp_path) == []
+    finally:
+        server.stop()
+    assert [len(server.requests)] == [2]  # the redirect and the file
+
+
+def test_download_without_content_length_and_a_server_that_hangs_up(monkeypatch, tmp_path, x26_bytes, caplog):
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESNEXT_DET_MIRROR", raising=False)
+    server = LocalServer(x26_bytes)
+    try:
+        name = f"{server.url}/nolength/x26.pth#sha256={sha256(x26_bytes)}"
+        with caplog.at_level(logging.INFO, logger="resnext_det"):
+            out = fetch_weights(name, progress=False, what="the test's weights")
+        assert torch.load(out, weights_only=True)["resnext_det"]["source"]["sha256"] == sha256(x26_bytes)
+        assert f"the test's weights: downloading {server.url}/nolength/x26.pth" in caplog.text
+        with pytest.raises(WeightsSourceError) as e:
+            fetch_weights(f"{server.url}/hangup", progress=False)
+        assert f"cannot download {server.url}/hangup (RemoteDisconnected: " in str(e.value)
+    finally:
+        server.stop()
+    url = f"http://127.0.0.1:{closed_port()}/w/x26.pth"
+    with pytest.raises(WeightsSourceError) as e:
+        fetch_weights(url, progress=False)
+    refused = f"[Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}"  # what the OS says
+    assert f"cannot download {url} (URLError: {refused})" in str(e.value)
+
+
+def test_mirror_with_a_trailing_slash_and_the_source_named_on_a_wrong_file(serve, monkeypatch, tmp_path):
+    import torchvision
+
+    w = torchvision.models.ResNeXt50_32X4D_Weights.IMAGENET1K_V1
+    path = "/" + w.url.split("://", 1)[1]
+    server = serve({path: b"not the published file"})
+    monkeypatch.setenv("RESNEXT_DET_MIRROR", server.url + "/")
+    with pytest.raises(WeightsSourceError) as e:
+        fetch_weights("torchvision://resnext50_32x4d.IMAGENET1K_V1", progress=False)
+    msg = str(e.value)
+    assert server.hits == {path: 1} and f"downloaded from {server.url}{path}:" in msg
+    sha = torch.hub.HASH_REGEX.search(w.url.rsplit("/", 1)[-1]).group(1)
+    assert f"ResNeXt50_32X4D_Weights.IMAGENET1K_V1 publishes sha256 {sha}" in msg  # who says so
+    assert cache_files(tmp_path) == []
+
+
+def test_timm_name_downloads_from_hf_endpoint_without_a_mirror(monkeypatch, tmp_path):
+    from huggingface_hub import hf_hub_url
+
+    hub = "timm/resnext50_32x4d.a1h_in1k"
+    server = FileServer({f"/{hub}/resolve/main/model.safetensors": b"x" * 10},
+                        headers={f"/{hub}/resolve/main/model.safetensors": {"X-Linked-Etag": "1" * 64}})
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESNEXT_DET_MIRROR", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    try:
+        with pytest.raises(WeightsSourceError, match="X-Linked-Etag") as e:
+            fetch_weights("timm://resnext50_32x4d.a1h_in1k", progress=False)
+    finally:
+        server.stop()
+    assert f"downloaded from {hf_hub_url(hub, 'model.safetensors', endpoint=server.url)}:" in str(e.value)
