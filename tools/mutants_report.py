@@ -5,15 +5,56 @@ rate and the mutants that were not killed.
 Reads mutmut's per-file results (``mutants/**/*.py.meta``); run it from the repository root
 after ``mutmut run``. Arguments: mutant-name globs to count only those (as given to
 ``mutmut run``), e.g. ``"resnext_det.fast.bn_fold.*"``.
+
+``--list unchecked|not-killed`` prints names to run next (resume, rerun after new tests);
+``--sample F`` prints a seeded random sample of the fraction F of each module's mutants
+(stratified, so the sample's kill rate estimates that of all of them), and ``--names-from
+FILE`` reports only the mutants a file names (a sample's), with a 95% interval.
 """
 import argparse
 import collections
 import fnmatch
 import json
+import math
 import os
+import random
 import sys
 
 from mutmut.stats import status_by_exit_code
+
+KILLED = ("killed", "timeout")
+
+
+def read_verdicts(root: str, globs=(), names=None):
+    """{mutant name: mutmut's status} for the mutants the globs (all if none) and names match."""
+    verdicts = {}
+    for folder, _, files in os.walk(root):
+        for name in sorted(files):
+            if not name.endswith(".py.meta"):
+                continue
+            with open(os.path.join(folder, name)) as f:
+                meta = json.load(f)
+            for mutant, code in meta["exit_code_by_key"].items():
+                if globs and not any(fnmatch.fnmatch(mutant, g) for g in globs):
+                    continue
+                if names is not None and mutant not in names:
+                    continue
+                verdicts[mutant] = status_by_exit_code[code]
+    return verdicts
+
+
+def module_of(mutant: str) -> str:
+    return mutant.split(".x", 1)[0]  # resnext_det.fast.bn_fold.x_fold__mutmut_3
+
+
+def wilson(k: int, n: int, z: float = 1.96):
+    """The Wilson score interval of a proportion k/n (95% for z = 1.96)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def main(argv=None) -> int:
@@ -25,48 +66,61 @@ def main(argv=None) -> int:
         help="print only the names of the mutants not checked yet (to resume an interrupted "
              "run) or not killed (to rerun them after adding tests), one per line",
     )
+    parser.add_argument("--sample", type=float, metavar="F",
+                        help="print a random sample of the fraction F (0 < F <= 1) of each module's mutants")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default: 0)")
+    parser.add_argument("--names-from", metavar="FILE",
+                        help="report only the mutants FILE names, one per line (e.g. a --sample)")
     args = parser.parse_args(argv)
 
-    by_module = collections.defaultdict(collections.Counter)
-    not_killed = []
-    for folder, _, files in os.walk(args.root):
-        for name in sorted(files):
-            if not name.endswith(".py.meta"):
-                continue
-            with open(os.path.join(folder, name)) as f:
-                meta = json.load(f)
-            for mutant, code in sorted(meta["exit_code_by_key"].items()):
-                if args.globs and not any(fnmatch.fnmatch(mutant, g) for g in args.globs):
-                    continue
-                status = status_by_exit_code[code]
-                if args.list:
-                    done = status != "not checked"
-                    killed = status in ("killed", "timeout")
-                    if (args.list == "unchecked" and not done) or (args.list == "not-killed" and done and not killed):
-                        print(mutant)
-                    continue
-                module = mutant.split(".x", 1)[0]  # resnext_det.fast.bn_fold.x_fold__mutmut_3
-                by_module[module][status] += 1
-                if status not in ("killed", "timeout", "not checked"):
-                    not_killed.append((status, mutant))
-    if args.list:
+    names = None
+    if args.names_from:
+        with open(args.names_from) as f:
+            names = {line.strip() for line in f if line.strip()}
+    verdicts = read_verdicts(args.root, args.globs, names)
+
+    if args.sample is not None:
+        if not 0 < args.sample <= 1:
+            parser.error(f"--sample {args.sample}: give a fraction in (0, 1], e.g. 0.1")
+        rng = random.Random(args.seed)
+        by_module = collections.defaultdict(list)
+        for mutant in sorted(verdicts):
+            by_module[module_of(mutant)].append(mutant)
+        for module in sorted(by_module):
+            pool = by_module[module]
+            print("\n".join(sorted(rng.sample(pool, max(1, round(args.sample * len(pool)))))))
         return 0
-    if not by_module:
+    if args.list:
+        for mutant, status in sorted(verdicts.items()):
+            done, killed = status != "not checked", status in KILLED
+            if (args.list == "unchecked" and not done) or (args.list == "not-killed" and done and not killed):
+                print(mutant)
+        return 0
+    if not verdicts:
         print(f"No mutmut results under {args.root}/: run `make mutants` first.")
         return 1
 
+    by_module = collections.defaultdict(collections.Counter)
+    not_killed = []
+    for mutant, status in sorted(verdicts.items()):
+        by_module[module_of(mutant)][status] += 1
+        if status not in KILLED + ("not checked",):
+            not_killed.append((status, mutant))
     total = collections.Counter()
     print(f"{'module':40s} {'mutants':>7s} {'killed':>7s} {'timeout':>7s} {'survived':>8s} {'no tests':>8s} {'other':>6s}")
     for module in sorted(by_module):
-        c = by_module[module]
-        total.update(c)
-        _row(module, c)
+        total.update(by_module[module])
+        _row(module, by_module[module])
     _row("all", total)
     checked = sum(v for k, v in total.items() if k != "not checked")
     killed = total["killed"] + total["timeout"]
     if checked:
         print(f"\nKilled {killed} of {checked} mutants checked: {100.0 * killed / checked:.1f}% "
               f"({total['not checked']} not checked)")
+        if names is not None:
+            lo, hi = wilson(killed, checked)
+            print(f"As a random sample, it puts the kill rate of all these modules' mutants at "
+                  f"{100 * lo:.1f}% to {100 * hi:.1f}% (95% Wilson interval).")
     if not_killed:
         print(f"\nNot killed ({len(not_killed)}); `.venv/bin/mutmut show NAME` prints the change:")
         for status, mutant in sorted(not_killed):

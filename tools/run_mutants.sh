@@ -9,6 +9,11 @@
 #                                    (e.g. "resnext_det.checkpoint.*")
 #   tools/run_mutants.sh --again [GLOB...]
 #                                    the mutants not killed last time, e.g. after adding tests
+#   tools/run_mutants.sh --sample F [GLOB...]
+#                                    a seeded random sample of the fraction F of each module's
+#                                    mutants (MUTANT_SEED, default 0), checked again: an
+#                                    estimate of the kill rate, with its 95% interval, in a
+#                                    fraction of the time (docs/testing.md)
 #
 # Results accumulate in mutants/ (ignored by git); delete it to start over (mutmut rechecks
 # everything anyway after a change of setup.cfg's [mutmut] test selection).
@@ -17,6 +22,21 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 venv=${VENV:-.venv}
 names=("$@")
+if [ "${1:-}" = --sample ]; then
+    fraction=${2:?"usage: $0 --sample FRACTION [GLOB...]"}; shift 2
+    if ! find mutants -name '*.py.meta' -print -quit 2>/dev/null | grep -q .; then
+        # No mutants yet: mutmut makes them (and maps the tests) on a run of one cheap mutant.
+        OMP_NUM_THREADS=1 DETECTRON2_DATASETS="$root/datasets" nice -n 19 \
+            "$venv/bin/mutmut" run --max-children "${MUTANT_JOBS:-2}" "resnext_det.presets.x_standard_depth__mutmut_1"
+    fi
+    "$venv/bin/python" tools/mutants_report.py --sample "$fraction" --seed "${MUTANT_SEED:-0}" "$@" \
+        > mutants/sample.txt || exit 2
+    mapfile -t names < mutants/sample.txt
+    echo "Sample: ${#names[@]} mutants (mutants/sample.txt)"
+    OMP_NUM_THREADS=1 DETECTRON2_DATASETS="$root/datasets" \
+        nice -n 19 "$venv/bin/mutmut" run --max-children "${MUTANT_JOBS:-2}" "${names[@]}"
+    exec "$venv/bin/python" tools/mutants_report.py --names-from mutants/sample.txt "$@"
+fi
 if [ "${1:-}" = --again ]; then
     shift
     if [ ! -d mutants ]; then echo "$0: no results yet: run \`make mutants\` first" >&2; exit 2; fi
