@@ -803,5 +803,577 @@ def test_two_processes_as_good_as_one(one_process, tmp_path):
     assert two_proc["AP"] >= one_proc["AP"] - max(8.0, 0.35 * one_proc["AP"]), (two_proc, one_proc)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fast checks of the schedule's parts (no training run): mutation testing leaves out the slow runs
+# ---------------------------------------------------------------------------------------------
+def test_proposal_mismatch_messages_name_three_ids_in_string_order_and_the_count(tmp_path):
+    """The examples in a refusal: the first three missing ids in string order (the ids are
+    compared as strings: '10' < '2'), then the count when there are more. Typed in by hand."""
+    name = "unshared_test_twelve_images"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"image_id": i, "file_name": f"{i}.jpg"} for i in range(1, 13)])
+    four_missing = _write(tmp_path / "four.pkl", [1, 3, 4, 5, 6, 7, 8, 9])  # no 2, 10, 11, 12
+    with pytest.raises(ProposalFileMismatch) as e:
+        check_proposal_file(four_missing, name)
+    assert "4 dataset images have no proposals: '10', '11', '12', ... (4 in all). Delete it" in str(e.value)
+    three_missing = _write(tmp_path / "three.pkl", [1, 3, 4, 5, 6, 7, 8, 9, 12])  # no 2, 10, 11
+    with pytest.raises(ProposalFileMismatch) as e:
+        check_proposal_file(three_missing, name)
+    assert "3 dataset images have no proposals: '10', '11', '2'. Delete it" in str(e.value)
+    one_extra = _write(tmp_path / "extra.pkl", list(range(1, 14)))
+    with pytest.raises(ProposalFileMismatch) as e:
+        check_proposal_file(one_extra, name)
+    assert "1 ids are not in the dataset: '13'. Delete it" in str(e.value)
+
+
+def _tiny_state(*names, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(2, 3, generator=g) for n in names}
+
+
+def test_a_finished_stage_counts_only_when_its_outputs_load_fast(tmp_path):
+    """The same check as the end-to-end test, on hand-made outputs: a torch checkpoint
+    (a zip) that is whole, cut short, empty or missing; proposal files with and without
+    their metadata; a results.json that parses or not."""
+    cfg = tiny_cfg(tmp_path)
+    cfgs = stage_configs(cfg)
+    rpn_final = os.path.join(cfgs["rpn"].OUTPUT_DIR, "model_final.pth")
+    frcn_final = os.path.join(cfgs["fast_rcnn"].OUTPUT_DIR, "model_final.pth")
+    combined = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    assert _broken_outputs(cfg, cfgs, "rpn") == rpn_final  # missing
+    os.makedirs(os.path.dirname(rpn_final))
+    torch.save({"model": _tiny_state("a", "b")}, rpn_final)
+    assert _broken_outputs(cfg, cfgs, "rpn") is None
+    with open(rpn_final, "rb") as f:
+        whole = f.read()
+    with open(rpn_final, "wb") as f:
+        f.write(whole[: len(whole) // 2])  # killed half way
+    assert _broken_outputs(cfg, cfgs, "rpn") == rpn_final
+    with open(rpn_final, "wb") as f:
+        f.write(b"")
+    assert _broken_outputs(cfg, cfgs, "rpn") == rpn_final
+    # Stage 3: its own checkpoint, then the combined one.
+    os.makedirs(os.path.dirname(frcn_final))
+    torch.save({"model": _tiny_state("c")}, frcn_final)
+    assert _broken_outputs(cfg, cfgs, "fast_rcnn") == combined
+    torch.save({"model": _tiny_state("rpn.a", "fast_rcnn.c")}, combined)
+    assert _broken_outputs(cfg, cfgs, "fast_rcnn") is None
+    os.remove(frcn_final)
+    assert _broken_outputs(cfg, cfgs, "fast_rcnn") == frcn_final
+    # Stage 2: every file of stage 3's config, with the metadata it was written with.
+    (train_file,), (test_file,) = cfgs["fast_rcnn"].DATASETS.PROPOSAL_FILES_TRAIN, cfgs["fast_rcnn"].DATASETS.PROPOSAL_FILES_TEST
+    os.makedirs(os.path.dirname(train_file))
+    assert _broken_outputs(cfg, cfgs, "proposals") == train_file
+    for f in (train_file, test_file):
+        _write(f, [1, 2])
+        with open(f + ".json", "w") as fh:
+            json.dump({"dataset": "x"}, fh)
+    assert _broken_outputs(cfg, cfgs, "proposals") is None
+    os.remove(test_file + ".json")
+    assert _broken_outputs(cfg, cfgs, "proposals") == test_file
+    open(train_file, "wb").close()  # empty
+    assert _broken_outputs(cfg, cfgs, "proposals") == train_file
+    # Stage 4: a results.json that parses.
+    results = os.path.join(cfg.OUTPUT_DIR, STAGE_DIRS["eval"], "results.json")
+    assert _broken_outputs(cfg, cfgs, "eval") == results
+    os.makedirs(os.path.dirname(results))
+    with open(results, "w") as f:
+        f.write('{"stored_proposals": ')
+    assert _broken_outputs(cfg, cfgs, "eval") == results
+    with open(results, "w") as f:
+        f.write('{"stored_proposals": {}}')
+    assert _broken_outputs(cfg, cfgs, "eval") is None
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_TABLE8))
+def test_stage4_names_the_papers_table8_row_of_the_configs_architecture(name):
+    from resnext_det.unshared.schedule import _paper_row
+
+    depth, c, d, ap50, ap = PAPER_TABLE8[name]
+    row = _paper_row(setup_cfg(os.path.join(DET, name), []))
+    # PAPER.md, Table 8: "ResNet-50 | 1x64d", ..., "ResNeXt-101 | 32x4d"
+    kind = "ResNet" if c == 1 else "ResNeXt"
+    assert row == {"backbone": f"{kind}-{depth} ({c}x{d}d)", "AP50": ap50, "AP": ap}
+
+
+def test_stage4_has_no_paper_row_for_architectures_outside_table8(tmp_path):
+    from resnext_det.unshared.schedule import _paper_row
+
+    assert _paper_row(tiny_cfg(tmp_path)) is None  # ResNeXt-26 (8x4d)
+    # ResNeXt-101 32x8d and 64x4d: in the paper (Table 5), not in Table 8.
+    for preset in ("X-101-32x8d", "X-101-64x4d"):
+        assert _paper_row(setup_cfg(os.path.join(DET, "faster_rcnn_X_101_32x4d_C4_appendixB.yaml"),
+                                    ["MODEL.RESNEXT.PRESET", preset])) is None  # fmt: skip
+    # Depth 50's blocks with another cardinality/width: not a Table 8 row either.
+    assert _paper_row(setup_cfg(os.path.join(DET, "faster_rcnn_R_50_C4_appendixB.yaml"),
+                                ["MODEL.RESNEXT.PRESET", "", "MODEL.RESNEXT.DEPTH", "50",
+                                 "MODEL.RESNEXT.CARDINALITY", "1", "MODEL.RESNEXT.BOTTLENECK_WIDTH", "4"])) is None  # fmt: skip
+
+
+def test_stage4_results_table_rows_by_hand():
+    from resnext_det.unshared.schedule import _markdown
+
+    nan = float("nan")
+    results = {
+        "stored_proposals": {
+            "coco_2014_minival": {"bbox": {"AP": 30.04, "AP50": 51.96, "AP75": 31.25, "APs": 12.0, "APm": 33.3, "APl": 44.44}},
+            "tiny_eval": {"bbox": {"AP": nan, "AP50": None, "AP75": 0.0, "APs": float("inf"), "APm": 1.06}},
+        },
+        "end_to_end": {"coco_2014_minival": {"bbox": {"AP": 29.96, "AP50": 52.0, "AP75": 31.2, "APs": 12.04, "APm": 33.3, "APl": 44.4}}},
+        "paper_table8": {"backbone": "ResNeXt-101 (32x4d)", "AP50": 51.9, "AP": 30.0},
+    }
+    assert _markdown(results) == (
+        "# Appendix B schedule: COCO box AP\n"
+        "\n"
+        "| model | dataset | AP | AP50 | AP75 | APs | APm | APl |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| ours: Fast R-CNN on stored proposals (stage 4) | coco_2014_minival | 30.0 | 52.0 | 31.2 | 12.0 | 33.3 | 44.4 |\n"
+        "| ours: Fast R-CNN on stored proposals (stage 4) | tiny_eval | – | – | 0.0 | – | 1.1 | – |\n"
+        "| ours: UnsharedRCNN end to end | coco_2014_minival | 30.0 | 52.0 | 31.2 | 12.0 | 33.3 | 44.4 |\n"
+        "| paper, Table 8: ResNeXt-101 (32x4d) | coco_2014_minival | 30.0 | 51.9 | – | – | – | – |\n"
+    )
+    # Without the end-to-end evaluation and without a paper row: the stored-proposal row only.
+    only = {"stored_proposals": {"d": {"bbox": {"AP": 1.0}}}, "end_to_end": None, "paper_table8": None}
+    assert _markdown(only).splitlines()[4:] == ["| ours: Fast R-CNN on stored proposals (stage 4) | d | 1.0 | – | – | – | – | – |"]
+    assert _markdown({"stored_proposals": {"d": {}}}).splitlines()[4:] == [
+        "| ours: Fast R-CNN on stored proposals (stage 4) | d | – | – | – | – | – | – |"
+    ]
+
+
+def test_export_puts_each_stage_under_its_prefix_with_the_weights_record(tmp_path):
+    """Hand-built stage checkpoints: Detectron2's format ({"model": ..., "iteration": ...}) for
+    the RPN, with the weights record; a bare state dict for the Fast R-CNN."""
+    from resnext_det.checkpoint import METADATA_KEY
+    from resnext_det.unshared.schedule import export_unshared_checkpoint
+
+    rpn_sd = _tiny_state("backbone.stem.conv1.weight", "proposal_generator.rpn_head.conv.weight", seed=1)
+    frcn_sd = _tiny_state("backbone.stem.conv1.weight", "roi_heads.box_predictor.cls_score.weight", seed=2)
+    record = {"format": "RGB", "arch": "X-26-8x4d"}
+    rpn_file, frcn_file = str(tmp_path / "rpn.pth"), str(tmp_path / "frcn.pth")
+    torch.save({"model": rpn_sd, "iteration": 99, "optimizer": {"x": 1}, METADATA_KEY: record}, rpn_file)
+    torch.save(frcn_sd, frcn_file)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = str(out_dir / "model_final.pth")
+    assert export_unshared_checkpoint(rpn_file, frcn_file, out) == out
+    got = torch.load(out, weights_only=True)
+    assert set(got) == {"model", METADATA_KEY, "__stages__"}
+    assert got["__stages__"] == {"rpn": rpn_file, "fast_rcnn": frcn_file}
+    assert got[METADATA_KEY] == record
+    want = {**{f"rpn.{k}": v for k, v in rpn_sd.items()}, **{f"fast_rcnn.{k}": v for k, v in frcn_sd.items()}}
+    assert set(got["model"]) == set(want)
+    for k, v in want.items():
+        assert torch.equal(got["model"][k], v), k
+    # Tagged as the folder's last checkpoint, as Detectron2's checkpointer reads it.
+    assert DetectionCheckpointer(torch.nn.Linear(1, 1), str(out_dir)).get_checkpoint_file() == out
+    # The record of the Fast R-CNN's checkpoint when only that one has one; none when neither.
+    torch.save({"model": rpn_sd}, rpn_file)
+    torch.save({"model": frcn_sd, METADATA_KEY: record}, frcn_file)
+    export_unshared_checkpoint(rpn_file, frcn_file, out)
+    assert torch.load(out, weights_only=True)[METADATA_KEY] == record
+    torch.save(frcn_sd, frcn_file)
+    export_unshared_checkpoint(rpn_file, frcn_file, out)
+    assert METADATA_KEY not in torch.load(out, weights_only=True)
+
+
+def test_stage_results_record_the_trainers_latest_losses():
+    """What the stage marker records as final losses: the losses (and only they) among the
+    trainer's latest scalars in Detectron2's EventStorage; nothing before training."""
+    import types
+
+    from resnext_det.unshared.schedule import _latest_losses
+
+    storage = EventStorage(7)
+    storage.put_scalars(loss_cls=0.5, loss_rpn_loc=0.25, total_loss=0.75, lr=0.01, data_time=0.2)
+    storage.step()
+    storage.put_scalars(loss_cls=0.125)  # iteration 8: the latest value counts
+    got = _latest_losses(types.SimpleNamespace(storage=storage))
+    assert got == {"loss_cls": 0.125, "loss_rpn_loc": 0.25, "total_loss": 0.75}
+    assert all(type(v) is float for v in got.values())
+    assert _latest_losses(types.SimpleNamespace()) == {}  # DefaultTrainer before train()
+
+
+def test_main_first_runs_the_check_once_and_reraises_its_error():
+    from resnext_det.unshared.schedule import _main_first
+
+    calls = []
+    assert _main_first(lambda: calls.append(1)) is None
+    assert calls == [1]
+    err = ProposalFileMismatch("bad file")
+
+    def check():
+        raise err
+
+    with pytest.raises(ProposalFileMismatch) as e:
+        _main_first(check)
+    assert e.value is err
+
+
+def _same_instances(a, b, fields):
+    assert len(a) == len(b) > 0
+    for f in fields:
+        x, y = a.get(f), b.get(f)
+        x, y = (x.tensor, y.tensor) if isinstance(x, Boxes) else (x, y)
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f)
+
+
+@torch.no_grad()
+def test_unshared_rcnn_detects_as_detectron2s_rpn_then_fast_rcnn(tmp_path):
+    """Eval mode: UnsharedRCNN's proposals are those of Detectron2's ProposalNetwork (its RPN,
+    normalisation and padding included) and its detections those of Detectron2's
+    GeneralizedRCNN given these proposals, on the same weights (untrained: only the data flow
+    is checked). Two images of different sizes; no 'height'/'width', so both report boxes in
+    the input tensors' pixels."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path, "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128")
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    inputs = [{"image": torch.rand(3, 96, 120, generator=g) * 255},
+              {"image": torch.rand(3, 80, 104, generator=g) * 255}]  # fmt: skip
+    ref_props = [o["proposals"] for o in model.rpn(inputs)]
+    ours_props = model.propose(inputs)
+    for a, b in zip(ours_props, ref_props):
+        _same_instances(a, b, ("proposal_boxes", "objectness_logits"))
+    ref = model.fast_rcnn([dict(x, proposals=p) for x, p in zip(inputs, ref_props)])
+    ours = model(inputs)
+    assert len(ours) == len(inputs)
+    for a, b in zip(ours, ref):
+        _same_instances(a["instances"], b["instances"], ("pred_boxes", "scores", "pred_classes"))
+
+
+@torch.no_grad()
+def test_unshared_rcnn_pads_the_rpn_input_as_its_backbone_asks(tmp_path):
+    """With an FPN backbone (size divisibility 32, and a square-padding constraint as ViTDet's
+    backbones have), UnsharedRCNN's proposals are still those of Detectron2's ProposalNetwork."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path, "MODEL.BACKBONE.NAME", "build_resnext_fpn_backbone",
+                   "MODEL.RESNEXT.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']",
+                   "MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']", "MODEL.FPN.OUT_CHANNELS", "32",
+                   "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]",
+                   "MODEL.RPN.IN_FEATURES", "['p2', 'p3', 'p4', 'p5', 'p6']",
+                   "MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_HEADS.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']",
+                   "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_FC", "1",
+                   "MODEL.ROI_BOX_HEAD.FC_DIM", "32")  # fmt: skip
+    model = build_model(cfg).eval()
+    assert model.rpn.backbone.size_divisibility == 32
+    g = torch.Generator().manual_seed(4)
+    inputs = [{"image": torch.rand(3, 72, 90, generator=g) * 255}]  # not a multiple of 32
+    for square in (0, 128):
+        model.rpn.backbone._square_pad = square  # what FPN(square_pad=...) sets
+        ref = model.rpn(inputs)[0]["proposals"]
+        _same_instances(model.propose(inputs)[0], ref, ("proposal_boxes", "objectness_logits"))
+
+
+def test_training_unshared_rcnn_without_ground_truth_says_what_is_missing(tmp_path):
+    model = build_model(tiny_cfg(tmp_path)).train()
+    with pytest.raises(ValueError) as e:
+        model([{"image": torch.zeros(3, 64, 64)}])
+    assert str(e.value) == "Training UnsharedRCNN needs 'instances' (ground truth) in the inputs."
+
+
+def test_a_finished_stage_run_with_another_config_is_named_with_the_keys_that_differ(tmp_path, caplog):
+    """A finished stage's marker records its config; a rerun with other values keeps the result
+    and warns, naming the differing keys (the first 8, sorted) and the folder to delete."""
+    from resnext_det.unshared.schedule import _identity, _warn_if_changed
+
+    cfg = tiny_cfg(tmp_path)
+    cfgs = stage_configs(cfg)
+
+    def marker_of(c, stage):  # what run_schedule stores, read back from JSON
+        return {"config_keys": json.loads(json.dumps(_identity(stage_configs(c)["rpn" if stage in ("rpn", "proposals") else "fast_rcnn"], stage), default=str))}
+
+    def warned(stage, marker):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="resnext_det"):
+            _warn_if_changed(cfg, cfgs, stage, marker)
+        return "\n".join(r.getMessage() for r in caplog.records)
+
+    for stage in STAGE_DIRS:
+        assert warned(stage, marker_of(cfg, stage)) == "", stage  # the same config
+        assert warned(stage, {"finished": "x"}) == "", stage  # a marker of an older version
+    # The RPN's NMS threshold: stages 1-2 (the RPN's config); stage 3 trains with stored proposals.
+    other = tiny_cfg(tmp_path, "MODEL.RPN.NMS_THRESH", "0.5", "UNSHARED.PROPOSALS.TRAIN_POST_NMS_TOPK", "40")
+    msg = warned("rpn", marker_of(other, "rpn"))
+    folder = os.path.join(str(tmp_path), STAGE_DIRS["rpn"])
+    assert msg == (f"Stage 'rpn' finished earlier with another config (differs in MODEL.RPN.NMS_THRESH); "
+                   f"its result is kept. To redo it, delete {folder} (and the later stages' folders).")  # fmt: skip
+    assert "differs in MODEL.RPN.NMS_THRESH, UNSHARED.PROPOSALS.TRAIN_POST_NMS_TOPK)" in warned("proposals", marker_of(other, "proposals"))
+    assert os.path.join(str(tmp_path), STAGE_DIRS["proposals"]) in warned("proposals", marker_of(other, "proposals"))
+    # Stage 3 is built with stage 2's file names (from the top-k) and its own ROI sampling.
+    msg = warned("fast_rcnn", marker_of(tiny_cfg(tmp_path, "UNSHARED.FAST_RCNN.BATCH_SIZE_PER_IMAGE", "16"), "fast_rcnn"))
+    assert "differs in MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE)" in msg
+    assert warned("eval", marker_of(tiny_cfg(tmp_path, "UNSHARED.EVAL_END_TO_END", "False"), "eval")).count(
+        "differs in UNSHARED.EVAL_END_TO_END)") == 1
+    # Keys the stored config has and the current one lacks, or the reverse; more than 8: "...".
+    marker = marker_of(cfg, "rpn")
+    del marker["config_keys"]["SOLVER.BASE_LR"]
+    marker["config_keys"].update({f"OLD.K{i}": i for i in range(9)})
+    msg = warned("rpn", marker)
+    assert "differs in OLD.K0, OLD.K1, OLD.K2, OLD.K3, OLD.K4, OLD.K5, OLD.K6, OLD.K7 ...); its result" in msg
+    marker = marker_of(cfg, "rpn")
+    marker["config_keys"].update({f"OLD.K{i}": i for i in range(7)})
+    assert "differs in OLD.K0, OLD.K1, OLD.K2, OLD.K3, OLD.K4, OLD.K5, OLD.K6); its result" in warned("rpn", marker)
+    del marker["config_keys"]["SOLVER.BASE_LR"]  # 8: all named
+    assert "differs in OLD.K0, OLD.K1, OLD.K2, OLD.K3, OLD.K4, OLD.K5, OLD.K6, SOLVER.BASE_LR); its" in warned("rpn", marker)
+
+
+@pytest.mark.parametrize("node", ["RPN", "FAST_RCNN"])
+def test_each_stages_solver_is_checked_at_its_bounds(tmp_path, node):
+    """UNSHARED.{RPN,FAST_RCNN}: the smallest valid values pass; one step outside is refused,
+    naming the key and the value given."""
+    key = f"UNSHARED.{node}"
+    ok = [f"{key}.MAX_ITER", "1", f"{key}.STEPS", "()", f"{key}.BASE_LR", "1e-9",
+          f"{key}.IMS_PER_BATCH", "2", f"{key}.BATCH_SIZE_PER_IMAGE", "1"]  # fmt: skip
+    stage_configs(tiny_cfg(tmp_path, *ok))
+    stage_configs(tiny_cfg(tmp_path, f"{key}.MAX_ITER", "3", f"{key}.STEPS", "(1, 2)"))
+    stage_configs(tiny_cfg(tmp_path, f"{key}.IMS_PER_BATCH", "3", "SOLVER.REFERENCE_WORLD_SIZE", "0"))
+    refused = [
+        ([f"{key}.MAX_ITER", "0", f"{key}.STEPS", "()"], f"{key}.MAX_ITER must be > 0, got 0."),
+        ([f"{key}.MAX_ITER", "3", f"{key}.STEPS", "(2, 1)"], f"{key}.STEPS must increase and lie in (0, {key}.MAX_ITER=3), got [2, 1]."),
+        ([f"{key}.MAX_ITER", "3", f"{key}.STEPS", "(0,)"], "got [0]"),
+        ([f"{key}.MAX_ITER", "3", f"{key}.STEPS", "(3,)"], "got [3]"),
+        ([f"{key}.BASE_LR", "0.0"], f"{key}.BASE_LR, IMS_PER_BATCH and BATCH_SIZE_PER_IMAGE must be > 0, got 0.0, 2, "),
+        ([f"{key}.IMS_PER_BATCH", "0"], "must be > 0, got 0.02, 0, "),
+        ([f"{key}.BATCH_SIZE_PER_IMAGE", "0"], ", 2, 0."),
+        ([f"{key}.IMS_PER_BATCH", "3"], f"{key}.IMS_PER_BATCH=3 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE=2"),
+    ]
+    for opts, msg in refused:
+        with pytest.raises(ValueError) as e:
+            stage_configs(tiny_cfg(tmp_path, *opts))  # BASE_LR 0.02, IMS_PER_BATCH 2 otherwise
+        assert msg in str(e.value), (opts, str(e.value))
+    with pytest.raises(ValueError, match=r"MODEL\.PROPOSAL_GENERATOR\.NAME to 'RPN'"):
+        stage_configs(tiny_cfg(tmp_path, "MODEL.PROPOSAL_GENERATOR.NAME", "PrecomputedProposals"))
+
+
+def test_stage_configs_by_hand(tmp_path):
+    """The two stage configs of the tiny schedule, key by key, typed in from TINY."""
+    cfg = tiny_cfg(tmp_path)
+    assert cfg.is_frozen()
+    cfgs = stage_configs(cfg)
+    rpn, frcn = cfgs["rpn"], cfgs["fast_rcnn"]
+    assert rpn.is_frozen() and frcn.is_frozen()
+    folder = lambda s: os.path.join(str(tmp_path), STAGE_DIRS[s])  # noqa: E731
+    for c in (rpn, frcn):
+        assert not c.UNSHARED.ENABLED and c.SOLVER.REFERENCE_WORLD_SIZE == 2 and c.MODEL.WEIGHTS == ""
+    assert rpn.MODEL.META_ARCHITECTURE == "ProposalNetwork" and rpn.OUTPUT_DIR == folder("rpn")
+    assert rpn.MODEL.RPN.BATCH_SIZE_PER_IMAGE == 64
+    assert (rpn.MODEL.RPN.PRE_NMS_TOPK_TRAIN, rpn.MODEL.RPN.POST_NMS_TOPK_TRAIN) == (1, 1)
+    assert (rpn.SOLVER.IMS_PER_BATCH, rpn.SOLVER.BASE_LR, tuple(rpn.SOLVER.STEPS), rpn.SOLVER.MAX_ITER) == (2, 0.02, (80,), 100)
+    assert not rpn.MODEL.LOAD_PROPOSALS and rpn.DATASETS.PROPOSAL_FILES_TRAIN == () and rpn.DATASETS.PROPOSAL_FILES_TEST == ()
+    assert frcn.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and frcn.OUTPUT_DIR == folder("fast_rcnn")
+    assert frcn.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals" and frcn.MODEL.LOAD_PROPOSALS
+    assert frcn.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 32
+    assert (frcn.SOLVER.IMS_PER_BATCH, frcn.SOLVER.BASE_LR, tuple(frcn.SOLVER.STEPS), frcn.SOLVER.MAX_ITER) == (2, 0.02, (80,), 100)
+    assert frcn.DATASETS.PROPOSAL_FILES_TRAIN == (os.path.join(folder("proposals"), f"{TRAIN_DS}_top50.pkl"),)
+    assert frcn.DATASETS.PROPOSAL_FILES_TEST == (os.path.join(folder("proposals"), f"{TEST_DS}_top50.pkl"),)
+    assert (frcn.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN, frcn.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST) == (50, 50)
+    # An unfrozen config gives unfrozen stage configs (a caller may still change them).
+    c = cfg.clone()
+    c.defrost()
+    assert not any(x.is_frozen() for x in stage_configs(c).values())
+
+
+def test_proposal_files_in_detectron_v1_names_and_malformed_ones(tmp_path):
+    """Detectron (v1) key names ('indexes', 'scores') are read as Detectron2 reads them; files
+    that are not Detectron2's format are refused, saying what is wrong."""
+    from resnext_det.unshared.proposals import load_proposal_file
+
+    name = "unshared_test_five_images"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"image_id": i, "file_name": f"{i}.jpg"} for i in range(1, 6)])
+    d2 = pickle.load(open(_write(tmp_path / "d2.pkl", [1, 2, 3, 4, 5]), "rb"))
+    v1 = {"indexes": d2["ids"], "boxes": d2["boxes"], "scores": d2["objectness_logits"]}  # no bbox_mode
+    with open(tmp_path / "v1.pkl", "wb") as f:
+        pickle.dump(v1, f)
+    got = check_proposal_file(str(tmp_path / "v1.pkl"), name)
+    ref = load_proposals_into_dataset(copy.deepcopy(DatasetCatalog.get(name)), str(tmp_path / "v1.pkl"))
+    assert got["ids"] == [r["image_id"] for r in ref] and got["bbox_mode"] == ref[0]["proposal_bbox_mode"] == 0
+    for r, b, s in zip(ref, got["boxes"], got["objectness_logits"]):
+        order = np.argsort(s)[::-1]  # Detectron2 sorts them, best first
+        np.testing.assert_array_equal(r["proposal_boxes"], b[order])
+        np.testing.assert_array_equal(r["proposal_objectness_logits"], s[order])
+    assert "indexes" not in got and "scores" not in got
+
+    def refused(obj, fname):
+        path = str(tmp_path / fname)
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+        with pytest.raises(ProposalFileMismatch) as e:
+            check_proposal_file(path, name)
+        assert repr(path) in str(e.value)
+        return str(e.value)
+
+    assert "holds a list, not the dict with 'ids', 'boxes', 'objectness_logits'" in refused([1, 2], "list.pkl")
+    assert "lacks the key(s) ['objectness_logits']" in refused({"ids": [1], "boxes": []}, "keys.pkl")
+    assert "lacks the key(s) ['ids', 'boxes']" in refused({"objectness_logits": []}, "keys2.pkl")
+    msg = refused(dict(d2, boxes=d2["boxes"][:4]), "short.pkl")
+    assert "is inconsistent: 5 ids, 4 box arrays, 5 logit arrays. Delete it" in msg
+    assert "inconsistent: 5 ids, 5 box arrays, 3 logit arrays" in refused(
+        dict(d2, objectness_logits=d2["objectness_logits"][:3]), "short2.pkl")
+    flat = dict(d2, boxes=[b.reshape(-1) for b in d2["boxes"]])
+    assert "image '1': boxes of shape (12,)" in refused(flat, "flat.pkl")
+    five = dict(d2, boxes=[np.zeros((3, 5), np.float32)] * 5)
+    assert "image '1': boxes of shape (3, 5)" in refused(five, "five.pkl")
+
+
+def test_proposal_file_meta_needs_the_file_and_its_companion(tmp_path):
+    f = _write(tmp_path / "p.pkl", [1])
+    assert proposal_file_meta(f) is None
+    with open(f + ".json", "w") as fh:
+        json.dump({"dataset": "d", "post_nms_topk": 7}, fh)
+    assert proposal_file_meta(f) == {"dataset": "d", "post_nms_topk": 7}
+    os.remove(f)
+    assert proposal_file_meta(f) is None
+
+
+# Two images (train, and the same as a separate test set), 128 px, a few iterations: the whole
+# schedule in-process in a few seconds. Untrained models: the data flow is checked, not the AP.
+SMALL_TRAIN, SMALL_TEST = "unshared_shapes2_train", "unshared_shapes2_eval"
+for _name in (SMALL_TRAIN, SMALL_TEST):
+    if _name not in DatasetCatalog.list():
+        DatasetCatalog.register(_name, lambda: _one_class_subset()[:2])
+        MetadataCatalog.get(_name).set(thing_classes=["shape"], evaluator_type="coco")
+SMALL = [
+    "DATASETS.TRAIN", f"('{SMALL_TRAIN}',)",
+    "DATASETS.TEST", f"('{SMALL_TEST}',)",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+    "SOLVER.WARMUP_ITERS", "0",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # detections from an untrained model
+    # given for 2 processes: one process runs 1 image per batch, half the lr, twice the iterations
+    "UNSHARED.RPN.IMS_PER_BATCH", "2", "UNSHARED.RPN.BASE_LR", "0.02",
+    "UNSHARED.RPN.STEPS", "()", "UNSHARED.RPN.MAX_ITER", "1",
+    "UNSHARED.FAST_RCNN.IMS_PER_BATCH", "2", "UNSHARED.FAST_RCNN.BASE_LR", "0.005",
+    "UNSHARED.FAST_RCNN.STEPS", "(1,)", "UNSHARED.FAST_RCNN.MAX_ITER", "2",
+]  # fmt: skip
+
+
+def test_schedule_in_process_small(tmp_path):
+    """All four stages in this process, at a tiny size: what each stage records and writes,
+    against Detectron2's own classes (its checkpointer, its GeneralizedRCNN on the stored
+    proposals with its COCOEvaluator) and the linear scaling rule by hand."""
+    from detectron2.config import CfgNode
+
+    out = str(tmp_path / "out")
+    cfg = tiny_cfg(out, *SMALL)
+    res = run_schedule(cfg)
+    cfgs = stage_configs(cfg)
+    s1, s3, s4 = (os.path.join(out, STAGE_DIRS[s]) for s in ("rpn", "fast_rcnn", "eval"))
+    combined = os.path.join(out, "model_final.pth")
+
+    # Stages 1 and 3: the solver by the linear scaling rule (x1/2 batch and lr, x2 iterations).
+    losses = {"rpn": {"loss_rpn_cls", "loss_rpn_loc"}, "fast_rcnn": {"loss_cls", "loss_box_reg"}}
+    for stage, folder, lr, steps, max_iter in (("rpn", s1, 0.01, [], 2), ("fast_rcnn", s3, 0.0025, [2], 4)):
+        r = _marker(out, stage)["results"]
+        fl = r.pop("final_losses")
+        assert set(fl) == losses[stage] | {"total_loss"}, fl  # Detectron2's SimpleTrainer's names
+        assert fl["total_loss"] == pytest.approx(sum(fl[k] for k in losses[stage]), rel=1e-5)
+        want = {"model_final": os.path.join(folder, "model_final.pth"), "world_size": 1,
+                "ims_per_batch": 1, "base_lr": pytest.approx(lr), "steps": steps, "max_iter": max_iter}  # fmt: skip
+        if stage == "fast_rcnn":
+            want["unshared_model"] = combined
+        assert r == want, stage
+        with open(os.path.join(folder, "stage_started.json")) as f:
+            assert json.load(f) == {"world_size": 1, "ims_per_batch": 1, "max_iter": max_iter}
+        with open(os.path.join(folder, "config.yaml")) as f:
+            written = CfgNode.load_cfg(f)
+        assert written.OUTPUT_DIR == folder and written.MODEL.META_ARCHITECTURE == cfgs[stage].MODEL.META_ARCHITECTURE
+        assert list(written.DATASETS.TEST) == [] and list(written.DATASETS.PROPOSAL_FILES_TEST) == []
+        assert not os.path.exists(os.path.join(folder, "inference"))  # no evaluation while training
+
+    # The combined checkpoint: the two stages' weights under rpn.* / fast_rcnn.*, exactly the
+    # UnsharedRCNN's parameters, and the last checkpoint of OUTPUT_DIR.
+    rpn = torch.load(os.path.join(s1, "model_final.pth"), weights_only=True)["model"]
+    frcn = torch.load(os.path.join(s3, "model_final.pth"), weights_only=True)["model"]
+    both = torch.load(combined, weights_only=True)["model"]
+    assert set(both) == {f"rpn.{k}" for k in rpn} | {f"fast_rcnn.{k}" for k in frcn}
+    assert set(both) == set(build_model(cfg).state_dict())
+    assert all(torch.equal(both[f"rpn.{k}"], v) for k, v in rpn.items())
+    assert all(torch.equal(both[f"fast_rcnn.{k}"], v) for k, v in frcn.items())
+    assert _last_checkpoint(out) == "model_final.pth"
+
+    # Stage 4: the AP of Detectron2's GeneralizedRCNN with stage 3's weights on the stored test
+    # proposals, evaluated by Detectron2 here; the end-to-end model gives the same detections.
+    model = build_model(cfgs["fast_rcnn"])
+    DetectionCheckpointer(model).load(os.path.join(s3, "model_final.pth"))
+    ref = inference_on_dataset(
+        model, build_detection_test_loader(cfgs["fast_rcnn"], SMALL_TEST),
+        Trainer.build_evaluator(cfgs["fast_rcnn"], SMALL_TEST, str(tmp_path / "ref")),
+    )["bbox"]  # fmt: skip
+    assert np.isfinite(ref["AP"]), ref
+
+    def detections(folder):
+        preds = torch.load(os.path.join(folder, "instances_predictions.pth"), weights_only=False)
+        return {p["image_id"]: p["instances"] for p in preds}
+
+    want = detections(str(tmp_path / "ref"))
+    assert len(want) == 2 and all(want.values())
+    for kind in ("stored_proposals", "end_to_end"):
+        assert set(res[kind]) == {SMALL_TEST}
+        assert res[kind][SMALL_TEST]["bbox"] == pytest.approx(ref, abs=1e-4, nan_ok=True), kind
+        # Detectron2's evaluator wrote its files in the stage folder, per kind and dataset.
+        got = detections(os.path.join(s4, kind, SMALL_TEST))
+        assert set(got) == set(want), kind
+        for i in want:
+            assert [d["category_id"] for d in got[i]] == [d["category_id"] for d in want[i]], kind
+            np.testing.assert_allclose([d["bbox"] for d in got[i]], [d["bbox"] for d in want[i]], atol=1e-2)
+            np.testing.assert_allclose([d["score"] for d in got[i]], [d["score"] for d in want[i]], atol=1e-4)
+    assert res["paper_table8"] is None
+    with open(os.path.join(s4, "results.json")) as f:
+        stored = json.load(f)
+    assert set(stored) == {"stored_proposals", "end_to_end", "paper_table8"} and stored["paper_table8"] is None
+    for kind in ("stored_proposals", "end_to_end"):
+        for k in ("AP", "AP50", "AP75"):  # (NaN, for sizes without objects, is stored as null)
+            assert stored[kind][SMALL_TEST]["bbox"][k] == pytest.approx(ref[k], abs=1e-4), kind
+    with open(os.path.join(s4, "results.md")) as f:
+        md = f.read()
+    for label in ("ours: Fast R-CNN on stored proposals (stage 4)", "ours: UnsharedRCNN end to end"):
+        assert f"| {label} | {SMALL_TEST} | {ref['AP']:.1f} | {ref['AP50']:.1f} | {ref['AP75']:.1f} |" in md
+    assert "paper, Table 8" not in md
+
+    # Stage 4 again without the end-to-end model: the stored-proposal results only.
+    again = run_schedule(tiny_cfg(out, *SMALL, "UNSHARED.EVAL_END_TO_END", "False"), stage="eval")
+    assert set(again) == {"stored_proposals", "paper_table8"}
+    assert again["stored_proposals"][SMALL_TEST]["bbox"] == pytest.approx(ref, abs=1e-4, nan_ok=True)
+    # Stages 3 and 4 refuse proposal files of other images before they start.
+    (train_file,), (test_file,) = cfgs["fast_rcnn"].DATASETS.PROPOSAL_FILES_TRAIN, cfgs["fast_rcnn"].DATASETS.PROPOSAL_FILES_TEST
+    for stage, f in (("fast_rcnn", train_file), ("eval", test_file)):
+        keep = f + ".keep"
+        os.replace(f, keep)
+        _write(f, ["not-an-id", "nor-this"])
+        with pytest.raises(ProposalFileMismatch, match=re.escape(f)):
+            run_schedule(cfg, stage=stage)
+        os.replace(keep, f)
+
+
+def test_a_training_stage_resumes_from_its_folder_and_says_when_its_schedule_changed(tmp_path, caplog):
+    """_train_stage twice on the same folder: the second run finds the stage trained to its
+    MAX_ITER (Detectron2 resumes from model_final.pth) and trains no further; a third run with
+    more iterations resumes, saying that the stored schedule differs."""
+    from resnext_det.unshared.schedule import _train_stage
+
+    def run(max_iter):
+        c = stage_configs(tiny_cfg(tmp_path / "out", *SMALL, "UNSHARED.RPN.MAX_ITER", str(max_iter)))["rpn"]
+        caplog.clear()
+        with caplog.at_level("INFO", logger="resnext_det"), caplog.at_level("INFO", logger="detectron2"):
+            r = _train_stage(c)
+        return c.OUTPUT_DIR, r, caplog.text
+
+    folder, first, _ = run(1)
+    assert first["max_iter"] == 2  # 1 at 2 processes, 2 on one
+    _, again, log = run(1)
+    assert f"{folder} is trained to its MAX_ITER already; delete it to retrain." in log
+    assert "Starting training from iteration 2" in log and "was started with" not in log
+    _, more, log = run(2)
+    before = {"world_size": 1, "ims_per_batch": 1, "max_iter": 2}
+    now = {"world_size": 1, "ims_per_batch": 1, "max_iter": 4}
+    assert (f"{folder} was started with {before} and resumes with {now}: training continues at the "
+            "stored iteration of the new schedule.") in log  # fmt: skip
+    assert "Starting training from iteration 2" in log and "trained to its MAX_ITER already" not in log
+    with open(os.path.join(folder, "stage_started.json")) as f:
+        assert json.load(f) == now
+    assert more["max_iter"] == 4
+
+
 if __name__ == "__main__":  # the launcher of the end-to-end runs (what tools/train_net.py runs)
     train_cli.cli(sys.argv[1:])
