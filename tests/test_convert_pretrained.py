@@ -912,3 +912,28 @@ def test_zoo_resnet_detector_warning_gives_the_zoo_values_to_check(tmp_path):
     other = detector_convention(tensors, {"__author__": "someone"}).warning("MODEL.WEIGHTS = 'x.pth'")
     assert names(other, "INPUT.FORMAT") and names(other, "MODEL.PIXEL_STD") and "[1, 1, 1]" not in other
     assert "None" not in other
+
+
+def test_group_norm_warning_only_for_weights_trained_with_bn(tmp_path, caplog):
+    """GN keeps no running statistics: a BN-trained checkpoint loaded into a GN config is
+    warned about (GN takes BN's scale and bias, the statistics are dropped); a GN model's
+    own checkpoint, loaded into the config it was trained with, is not."""
+    gn = ["MODEL.RESNEXT.BOTTLENECK_WIDTH", 16, "MODEL.RESNEXT.RES2_OUT_CHANNELS", 64, "MODEL.RESNEXT.STEM_OUT_CHANNELS", 32]
+
+    def saved(norm):
+        cfg = tiny_cfg("FPN", *gn, "MODEL.RESNEXT.NORM", norm)
+        model = build_model(cfg)
+        ck = ResNeXtCheckpointer(model, str(tmp_path / norm))  # as the trainer writes model_final.pth
+        attach_weights_record(ck, cfg)
+        ck.save("model_final")
+        return str(tmp_path / norm / "model_final.pth")
+
+    cfg = tiny_cfg("FPN", *gn, "MODEL.RESNEXT.NORM", "GN")
+    for path, warned in ((saved("GN"), False), (saved("FrozenBN"), True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="resnext_det"):
+            ResNeXtCheckpointer(build_model(cfg), cfg=cfg, require="all").load(path)
+        lines = [r.getMessage() for r in caplog.records if "with BN-trained weights" in r.getMessage()]
+        assert len(lines) == int(warned), (path, lines)
+        if warned:
+            assert names(lines[0], "MODEL.RESNEXT.NORM") and "'GN'" in lines[0]

@@ -142,7 +142,8 @@ class WeightsMetadata:
             ``stride_in_1x1`` are recorded; the others are the model's business.
         source: provenance (format, file name, sha256) for backbone files.
         weights_norm: how the file stores its norms: "BN" (running statistics from
-            ImageNet) or "affine" (Caffe2 AffineChannel: BN folded into scale and bias).
+            ImageNet), "affine" (Caffe2 AffineChannel: BN folded into scale and bias)
+            or "GN" (GroupNorm: scale and bias, no statistics).
     """
 
     kind: str
@@ -299,7 +300,10 @@ def metadata_from_model(model: nn.Module, cfg=None, *, kind: str = "detector") -
     inp = None
     if fmt in ("RGB", "BGR") and len(mean) == 3 and len(std) == 3:
         inp = InputConvention(fmt, "0-255", tuple(mean), tuple(std))
-    return WeightsMetadata(kind=kind, input=inp, arch=spec_of_model(model))
+    spec = spec_of_model(model)
+    # GN keeps no running statistics: its weights are another kind than BN's.
+    norm = "GN" if spec is not None and spec.norm == "GN" else "BN"
+    return WeightsMetadata(kind=kind, input=inp, arch=spec, weights_norm=norm)
 
 
 def check_weights_against_config(
@@ -336,7 +340,7 @@ def check_weights_against_config(
                 "affine (no ImageNet statistics): training-mode BN normalises with batch statistics "
                 "before that affine. FrozenBN reproduces the ImageNet network exactly."
             )
-        if b.norm == "GN":
+        if b.norm == "GN" and meta.weights_norm != "GN":
             warnings.append(
                 "MODEL.RESNEXT.NORM = 'GN' with BN-trained weights: the convs load, GN's "
                 "affine parameters take BN's, and the running statistics are dropped."
