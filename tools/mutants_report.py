@@ -22,7 +22,7 @@ import sys
 
 from mutmut.stats import status_by_exit_code
 
-KILLED = ("killed", "timeout")
+KILLED = ("killed",)  # a timeout is listed apart: a hung worker looks the same
 
 
 def read_verdicts(root: str, globs=(), names=None):
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     not_killed = []
     for mutant, status in sorted(verdicts.items()):
         by_module[module_of(mutant)][status] += 1
-        if status not in KILLED + ("not checked",):
+        if status not in KILLED + ("timeout", "not checked"):
             not_killed.append((status, mutant))
     total = collections.Counter()
     print(f"{'module':40s} {'mutants':>7s} {'killed':>7s} {'timeout':>7s} {'survived':>8s} {'no tests':>8s} {'other':>6s}")
@@ -113,14 +113,23 @@ def main(argv=None) -> int:
         _row(module, by_module[module])
     _row("all", total)
     checked = sum(v for k, v in total.items() if k != "not checked")
-    killed = total["killed"] + total["timeout"]
+    killed = total["killed"]
     if checked:
         print(f"\nKilled {killed} of {checked} mutants checked: {100.0 * killed / checked:.1f}% "
               f"({total['not checked']} not checked)")
+        if total["timeout"]:
+            # mutmut counts a timeout as caught; a worker stuck after fork looks the same.
+            print(f"With the {total['timeout']} timeouts counted as caught (mutmut's count): "
+                  f"{100.0 * (killed + total['timeout']) / checked:.1f}%; they are listed below.")
         if names is not None:
             lo, hi = wilson(killed, checked)
             print(f"As a random sample, it puts the kill rate of all these modules' mutants at "
-                  f"{100 * lo:.1f}% to {100 * hi:.1f}% (95% Wilson interval).")
+                  f"{100 * lo:.1f}% to {100 * hi:.1f}% (95% Wilson interval, timeouts not counted).")
+    timeouts = sorted(m for m, st in verdicts.items() if st == "timeout")
+    if timeouts:
+        print(f"\nTimed out ({len(timeouts)}): check them with tools/try_mutant.sh:")
+        for mutant in timeouts:
+            print(f"  timeout    {mutant}")
     if not_killed:
         print(f"\nNot killed ({len(not_killed)}); `.venv/bin/mutmut show NAME` prints the change:")
         for status, mutant in sorted(not_killed):
