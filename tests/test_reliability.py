@@ -168,6 +168,47 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
         ResNeXtCheckpointer(model, str(tmp_path), cfg=cfg).resume_or_load("", resume=True)
 
 
+def test_resume_takes_the_file_last_checkpoint_names_else_the_newest_complete(tmp_path):
+    """Of model_0000001..3 with the newest cut short: the run resumes from 2, the newest
+    complete one (not the oldest); a last_checkpoint naming an intact older file is obeyed,
+    as Detectron2 does; when nothing is complete, the message names the file to delete."""
+    cfg, model = _tiny_model(tmp_path)
+    ck = ResNeXtCheckpointer(model, str(tmp_path), cfg=cfg)
+    for it in (1, 2, 3):
+        ck.save(f"model_{it:07d}", iteration=it)
+    newest = tmp_path / "model_0000003.pth"
+    newest.write_bytes(newest.read_bytes()[: 20000])
+    resume = lambda: ResNeXtCheckpointer(model, str(tmp_path), cfg=cfg).resume_or_load("", resume=True)  # noqa: E731
+    assert resume()["iteration"] == 2
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    assert resume()["iteration"] == 1
+    for it in (1, 2):
+        os.remove(tmp_path / f"model_{it:07d}.pth")
+    with pytest.raises(CheckpointReadError) as e:
+        resume()
+    assert f"Delete {tmp_path / 'last_checkpoint'} " in str(e.value)
+
+
+def test_trusting_a_pickle_is_the_users_explicit_choice(tmp_path, monkeypatch):
+    """RESNEXT_DET_TRUST_PICKLE=1, and only "1", lets a pickle that runs code load (here a
+    harmless `touch`), through a .pkl and a .pth alike."""
+    from resnext_det.checkpoint.readers import safe_pickle_load, torch_load_weights
+
+    marker = tmp_path / "ran"
+    _evil_pickle(tmp_path / "evil.pkl", marker)
+    torch.save({"model": {}, "y": _Evil(marker)}, tmp_path / "evil.pth")
+    for value in ("0", "true"):
+        monkeypatch.setenv("RESNEXT_DET_TRUST_PICKLE", value)
+        for load in (safe_pickle_load, torch_load_weights):
+            with pytest.raises(CheckpointReadError):
+                load(str(tmp_path / ("evil.pkl" if load is safe_pickle_load else "evil.pth")))
+    assert not marker.exists()
+    monkeypatch.setenv("RESNEXT_DET_TRUST_PICKLE", "1")
+    assert "model" in safe_pickle_load(str(tmp_path / "evil.pkl")) and marker.exists()
+    marker.unlink()
+    assert "model" in torch_load_weights(str(tmp_path / "evil.pth")) and marker.exists()
+
+
 def test_truncated_weights_are_one_line_not_oserror(tmp_path):
     cfg, model = _two_checkpoints(tmp_path)
     cut = tmp_path / "cut.pth"
