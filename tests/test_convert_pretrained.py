@@ -442,9 +442,13 @@ def test_architecture_mismatch_at_load_names_the_keys(tv26):
     with pytest.raises(WeightsConfigError, match=r"C=4, d=4.*config builds.*C=8, d=2") as e:
         load_detector(cfg)
     assert "MODEL.RESNEXT.CARDINALITY 4 MODEL.RESNEXT.BOTTLENECK_WIDTH 4" in str(e.value)
+    assert "(MODEL.RESNEXT.PRESET / DEPTH / STAGE_BLOCKS / CARDINALITY / BOTTLENECK_WIDTH)" in str(e.value)
     cfg = detector_cfg("FPN", pairs, "MODEL.RESNEXT.STRIDE_IN_1X1", True)
-    with pytest.raises(WeightsConfigError, match="MODEL.RESNEXT.STRIDE_IN_1X1"):
+    with pytest.raises(WeightsConfigError, match="MODEL.RESNEXT.STRIDE_IN_1X1") as e:
         load_detector(cfg)
+    # torchvision puts the stride on the 3x3 conv: the fix line sets the key back to False.
+    assert "trained with the stride on the 3x3 conv, the config puts it on the first 1x1 conv" in str(e.value)
+    assert str(e.value).splitlines()[-1].split() == ["MODEL.RESNEXT.STRIDE_IN_1X1", "False"]
 
 
 def test_checkpoint_missing_a_stage_is_refused(tmp_path, tv26):
