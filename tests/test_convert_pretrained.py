@@ -941,3 +941,18 @@ def test_group_norm_warning_only_for_weights_trained_with_bn(tmp_path, caplog):
         assert len(lines) == int(warned), (path, lines)
         if warned:
             assert names(lines[0], "MODEL.RESNEXT.NORM") and "'GN'" in lines[0]
+
+
+def test_arch_flag_unknown_or_of_another_shape_names_the_choices_and_the_file(tv26):
+    """--arch must be one of the paper's names (presets.PRESETS, typed here from Table 3/5):
+    an unknown one lists them; a known one of another shape names the file and what it holds."""
+    _, d, _ = tv26
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(d / "tv26.pth"), arch="X-50-64x4d", progress=False)
+    for name in ("X-50-32x4d", "X-101-32x4d", "X-101-64x4d", "X-101-32x8d", "X-152-32x8d"):
+        assert repr(name) in str(e.value)
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(d / "tv26.pth"), arch="X-101-32x8d", progress=False)
+    msg = str(e.value)
+    assert "(depth 101, C=32, d=8)" in msg and repr(str(d / "tv26.pth")) in msg
+    assert msg.count("no named architecture") == 1  # depth 26, C=4, d=4 is none of the presets
