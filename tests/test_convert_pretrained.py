@@ -956,3 +956,32 @@ def test_arch_flag_unknown_or_of_another_shape_names_the_choices_and_the_file(tv
     msg = str(e.value)
     assert "(depth 101, C=32, d=8)" in msg and repr(str(d / "tv26.pth")) in msg
     assert msg.count("no named architecture") == 1  # depth 26, C=4, d=4 is none of the presets
+
+
+def test_legacy_torch_files_and_wrapped_state_dicts_read_as_torch_loads_them(tmp_path):
+    """A pre-1.6 torch.save file (not a zip; torch's magic number first) and the usual
+    wrappers ("state_dict", "model", "model_state", DataParallel's "module") read as
+    torch.load gives them, without running code."""
+    from resnext_det.checkpoint.readers import read_weights_file
+
+    sd = {"conv1.weight": torch.arange(6.0).reshape(2, 3), "fc.bias": torch.ones(2)}
+    legacy = tmp_path / "legacy.pth"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
+    got = read_weights_file(str(legacy)).tensors
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    for key in ("state_dict", "model", "model_state", "module"):
+        torch.save({key: sd, "epoch": 3}, tmp_path / f"{key}.pth")
+        got = read_weights_file(str(tmp_path / f"{key}.pth")).tensors
+        assert set(got) == set(sd), key
+
+
+def test_a_lazyconfig_models_own_convention_is_what_its_checkpoint_records(tmp_path):
+    """Without a yacs config (LazyConfig users), the record and the check read the input
+    convention from the model itself: Detectron2's GeneralizedRCNN's input_format,
+    pixel_mean and pixel_std."""
+    from resnext_det.checkpoint.metadata import metadata_from_model
+
+    cfg = tiny_cfg("FPN", "MODEL.PIXEL_MEAN", [1.0, 2.0, 3.0], "MODEL.PIXEL_STD", [4.0, 5.0, 6.0])
+    model = build_model(cfg)
+    inp = metadata_from_model(model).input
+    assert (inp.format, tuple(inp.pixel_mean), tuple(inp.pixel_std)) == (cfg.INPUT.FORMAT, (1.0, 2.0, 3.0), (4.0, 5.0, 6.0))

@@ -1064,3 +1064,19 @@ def test_timm_name_downloads_from_hf_endpoint_without_a_mirror(monkeypatch, tmp_
     finally:
         server.stop()
     assert f"downloaded from {hf_hub_url(hub, 'model.safetensors', endpoint=server.url)}:" in str(e.value)
+
+
+def test_cache_folder_follows_resnext_det_cache_then_xdg_then_home(tmp_path, monkeypatch):
+    """The documented order (docs/weights.md): $RESNEXT_DET_CACHE, else
+    $XDG_CACHE_HOME/resnext_det, else ~/.cache/resnext_det, as the XDG base directory
+    specification puts user caches."""
+    from resnext_det.checkpoint.sources import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RESNEXT_DET_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == str(tmp_path / "home" / ".cache" / "resnext_det")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == str(tmp_path / "xdg" / "resnext_det")
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == str(tmp_path / "mine")
