@@ -985,3 +985,28 @@ def test_a_lazyconfig_models_own_convention_is_what_its_checkpoint_records(tmp_p
     model = build_model(cfg)
     inp = metadata_from_model(model).input
     assert (inp.format, tuple(inp.pixel_mean), tuple(inp.pixel_std)) == (cfg.INPUT.FORMAT, (1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
+
+
+def test_affine_weights_warn_under_every_norm_that_normalises_with_batch_statistics():
+    """Caffe2 weights (BN folded into an affine, no ImageNet statistics) under a norm that
+    normalises with batch statistics in training get the warning; which norms do is read
+    from Detectron2's own get_norm (a _BatchNorm that is not FrozenBatchNorm2d), not typed."""
+    import dataclasses
+
+    from detectron2.layers import FrozenBatchNorm2d, get_norm
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from resnext_det.checkpoint.metadata import check_weights_against_config, metadata_from_model
+    from resnext_det.modeling.spec import NORMS
+
+    gn = ["MODEL.RESNEXT.BOTTLENECK_WIDTH", 16, "MODEL.RESNEXT.RES2_OUT_CHANNELS", 64, "MODEL.RESNEXT.STEM_OUT_CHANNELS", 32]
+    for norm in NORMS:
+        layer = get_norm(norm, 32) if norm else None
+        batch_stats = isinstance(layer, _BatchNorm) and not isinstance(layer, FrozenBatchNorm2d)
+        cfg = tiny_cfg("FPN", *gn, "MODEL.RESNEXT.NORM", norm)
+        model = build_model(cfg)
+        meta = dataclasses.replace(metadata_from_model(model, cfg), weights_norm="affine")
+        warned = [w for w in check_weights_against_config(meta, cfg, model=model) if "Caffe2 weights" in w]
+        assert len(warned) == int(batch_stats), (norm, warned)
+        if warned:
+            assert f"MODEL.RESNEXT.NORM = {norm!r}" in warned[0] and "FrozenBN" in warned[0]
