@@ -41,7 +41,7 @@ mutants-again: setup
 	bash tools/run_mutants.sh --again $(MUTANTS)
 
 # A seeded random sample of each module's mutants (MUTANT_SAMPLE, a fraction): the kill rate
-# with its 95% interval, in about half an hour on the 2-core machine at 0.1.
+# with its 95% interval, in 35-45 minutes on the 2-core machine at 0.1.
 MUTANT_SAMPLE ?= 0.1
 mutants-sample: setup
 	@$(PY) -c "import mutmut" 2>/dev/null || $(VENV)/bin/pip install -q mutmut==$(MUTMUT_VERSION)
