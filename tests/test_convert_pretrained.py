@@ -1010,3 +1010,19 @@ def test_affine_weights_warn_under_every_norm_that_normalises_with_batch_statist
         assert len(warned) == int(batch_stats), (norm, warned)
         if warned:
             assert f"MODEL.RESNEXT.NORM = {norm!r}" in warned[0] and "FrozenBN" in warned[0]
+
+
+def test_a_backbone_with_one_tensor_too_many_or_too_few_is_refused_naming_it(tv26):
+    """The converted trunk must be exactly our ResNeXt's: one extra tensor (typed here) or
+    one missing is a ConversionError that names it, not a file with a stray tensor."""
+    from resnext_det.checkpoint.layout import check_against_model, infer_arch
+
+    _, _, r = tv26
+    sd = dict(r.state_dict)
+    arch = infer_arch(sd)
+    check_against_model(sd, arch)  # complete: no error
+    with pytest.raises(ConversionError, match=r"1 unexpected, e\.g\. \['res6\.0\.conv1\.weight'\]"):
+        check_against_model({**sd, "res6.0.conv1.weight": torch.zeros(1)}, arch)
+    sd.pop("res4.0.conv2.weight")
+    with pytest.raises(ConversionError, match=r"1 tensors missing, e\.g\. \['res4\.0\.conv2\.weight'\]"):
+        check_against_model(sd, arch)
