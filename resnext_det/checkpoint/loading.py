@@ -387,8 +387,9 @@ def _shape_fixes(keys: List[str], provided, model_sd) -> List[str]:
                    else f"MODEL.ROI_HEADS.NUM_CLASSES {out} {trained}")
             fixes[fix] = None
         elif re.search(r"keypoint_head\.score_lowres\.", k):  # ConvTranspose2d: (in, K, k, k)
-            n = size(provided, k, 1) if provided[k].dim() > 1 else out
-            if n != (size(model_sd, k, 1) if provided[k].dim() > 1 else size(model_sd, k)):
+            dim = 1 if provided[k].dim() > 1 else 0  # the bias: (K,)
+            n = size(provided, k, dim)
+            if n != size(model_sd, k, dim):
                 fixes[f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS {n} (the file's keypoint head has {n})"] = None
             else:
                 fixes["MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS (the file's keypoint head differs)"] = None
