@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make mutants` and `make mutants-again` (docs/testing.md): mutmut on the core modules
+# `make mutants`, `make mutants-again` and `make mutants-sample` (docs/testing.md): mutmut on the core modules
 # (setup.cfg [mutmut]), then tools/mutants_report.py's summary.
 #
 #   tools/run_mutants.sh             every mutant without a verdict: all of them on the first
@@ -21,20 +21,26 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 venv=${VENV:-.venv}
+# mutmut is not a requirement: installed into the venv on first use.
+"$venv/bin/python" -c "import mutmut" 2>/dev/null || "$venv/bin/pip" install -q "mutmut==${MUTMUT_VERSION:-3.8.1}"
+
+mutmut_run() {  # MUTANT_JOBS workers (2), one torch thread each, below every other job
+    OMP_NUM_THREADS=1 DETECTRON2_DATASETS="$root/datasets" \
+        nice -n 19 "$venv/bin/mutmut" run --max-children "${MUTANT_JOBS:-2}" "$@"
+}
+
 names=("$@")
 if [ "${1:-}" = --sample ]; then
     fraction=${2:?"usage: $0 --sample FRACTION [GLOB...]"}; shift 2
     if ! find mutants -name '*.py.meta' -print -quit 2>/dev/null | grep -q .; then
         # No mutants yet: mutmut makes them (and maps the tests) on a run of one cheap mutant.
-        OMP_NUM_THREADS=1 DETECTRON2_DATASETS="$root/datasets" nice -n 19 \
-            "$venv/bin/mutmut" run --max-children "${MUTANT_JOBS:-2}" "resnext_det.presets.x_standard_depth__mutmut_1"
+        mutmut_run "resnext_det.presets.x_standard_depth__mutmut_1"
     fi
     "$venv/bin/python" tools/mutants_report.py --sample "$fraction" --seed "${MUTANT_SEED:-0}" "$@" \
         > mutants/sample.txt || exit 2
     mapfile -t names < mutants/sample.txt
     echo "Sample: ${#names[@]} mutants (mutants/sample.txt)"
-    OMP_NUM_THREADS=1 DETECTRON2_DATASETS="$root/datasets" \
-        nice -n 19 "$venv/bin/mutmut" run --max-children "${MUTANT_JOBS:-2}" "${names[@]}"
+    mutmut_run "${names[@]}"
     exec "$venv/bin/python" tools/mutants_report.py --names-from mutants/sample.txt "$@"
 fi
 if [ "${1:-}" = --again ]; then
@@ -46,6 +52,5 @@ if [ "${1:-}" = --again ]; then
         exec "$venv/bin/python" tools/mutants_report.py "$@"
     fi
 fi
-OMP_NUM_THREADS=1 DETECTRON2_DATASETS="$root/datasets" \
-    nice -n 19 "$venv/bin/mutmut" run --max-children "${MUTANT_JOBS:-2}" "${names[@]}"
+mutmut_run "${names[@]}"
 "$venv/bin/python" tools/mutants_report.py "$@"
