@@ -502,3 +502,45 @@ def test_import_without_detectron2_says_how_to_install():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0
     assert "make setup" in r.stderr and "detectron2" in r.stderr
+
+
+# --------------------------------------------------------------------------
+# Defaults and trims that the configs above always set explicitly.
+# --------------------------------------------------------------------------
+def test_block_built_with_its_defaults_equals_torchvision_bottleneck():
+    """``ResNeXtBlock`` built directly, with no ``stride_in_1x1``, strides its 3x3 conv as
+    torchvision's ``Bottleneck`` does (the docstring's default): same weights, same
+    outputs. A block striding its 1x1 by default gives other values at the same shape."""
+    from torchvision.models.resnet import Bottleneck
+
+    # torchvision: width = planes * base_width / 64 * groups = 8 * 64/64 * 2 = 16 = C*d.
+    down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    tv = randomize_bn(Bottleneck(16, 8, stride=2, downsample=down, groups=2, base_width=64), 3)
+    ours = ResNeXtBlock(16, 32, cardinality=2, bottleneck_width=8, stride=2, norm="BN")
+    rename = {"conv1.": "conv1.", "bn1.": "conv1.norm.", "conv2.": "conv2.", "bn2.": "conv2.norm.",
+              "conv3.": "conv3.", "bn3.": "conv3.norm.", "downsample.0.": "shortcut.",
+              "downsample.1.": "shortcut.norm."}  # fmt: skip
+    sd = {}
+    for k, v in tv.state_dict().items():
+        prefix = next(p for p in rename if k.startswith(p))
+        sd[rename[prefix] + k[len(prefix):]] = v
+    ours.load_state_dict(sd, strict=True)
+    tv.eval(), ours.eval()
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_backbone_runs_nhwc_and_matches_nchw():
+    """CHANNELS_LAST: the input is made NHWC before the stem, so the activations are
+    channels-last (torch's memory format) and the values those of the NCHW model."""
+    kw = dict(DEPTH=26, CARDINALITY=2, BOTTLENECK_WIDTH=4, FREEZE_AT=0)
+    nchw = randomize_bn(build_backbone(make_cfg(**kw))).eval()
+    nhwc = build_backbone(make_cfg(CHANNELS_LAST=True, **kw)).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    x = torch.randn(1, 3, 64, 64)  # an ordinary NCHW tensor, as Detectron2 hands it over
+    with torch.no_grad():
+        a, b = nchw(x), nhwc(x)
+    for name in ALL_STAGES:
+        assert b[name].is_contiguous(memory_format=torch.channels_last), name
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
