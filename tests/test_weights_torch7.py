@@ -623,3 +623,260 @@ def test_torchvision_and_timm_references_take_any_classifier(tmp_path, monkeypat
     with caplog.at_level(logging.WARNING, logger="resnext_det.checkpoint.verify"):
         assert_same_features(reference_features(r, x), tv_stages(tm, x), "no timm")
     assert any("timm" in m and "torchvision" in m for m in caplog.messages), caplog.messages
+
+
+# --------------------------------------------------------------------------
+# --verify must fail a wrong conversion, whatever the source format
+# --------------------------------------------------------------------------
+def _caffe2_blobs_with_stats(sd) -> dict:
+    """Detectron's Caffe2 names with BN statistics (_bn_s, _bn_b, _bn_rm, _bn_riv), by hand."""
+    blobs = {"conv1_w": sd["conv1.weight"].numpy()}
+
+    def bn(name, p):
+        for suffix, k in (("s", "weight"), ("b", "bias"), ("rm", "running_mean"), ("riv", "running_var")):
+            blobs[f"{name}_bn_{suffix}"] = sd[f"{p}.{k}"].numpy()
+
+    bn("res_conv1", "bn1")
+    for k in sd:
+        if k.startswith("layer") and k.endswith("conv1.weight"):
+            i, j = int(k[5]), int(k.split(".")[1])
+            c2, p = f"res{i + 1}_{j}", f"layer{i}.{j}"
+            for br, n in (("branch2a", 1), ("branch2b", 2), ("branch2c", 3)):
+                blobs[f"{c2}_{br}_w"] = sd[f"{p}.conv{n}.weight"].numpy()
+                bn(f"{c2}_{br}", f"{p}.bn{n}")
+            if f"{p}.downsample.0.weight" in sd:
+                blobs[f"{c2}_branch1_w"] = sd[f"{p}.downsample.0.weight"].numpy()
+                bn(f"{c2}_branch1", f"{p}.downsample.1")
+    return blobs
+
+
+def _source_file(fmt, tmp_path):
+    """A (1, 3, 1, 1)-block ResNeXt (C=2, d=4) written in ``fmt``; returns (path, convert kwargs)."""
+    import pickle
+
+    from safetensors.torch import save_file
+
+    from test_convert_pretrained import tv_to_caffe2_blobs
+
+    tv = tv_resnext(layers=(1, 3, 1, 1), groups=2, width=4, seed=12)
+    sd = tv.state_dict()
+    if fmt == "torchvision":
+        torch.save(sd, tmp_path / "tv.pth")
+        return tmp_path / "tv.pth", {}
+    if fmt == "timm":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "tm.safetensors"))
+        return tmp_path / "tm.safetensors", {}
+    if fmt in ("caffe2-stats", "caffe2-affine"):
+        blobs = _caffe2_blobs_with_stats(sd) if fmt == "caffe2-stats" else tv_to_caffe2_blobs(sd)
+        with open(tmp_path / "c2.pkl", "wb") as f:
+            pickle.dump({"blobs": blobs}, f, protocol=2)
+        return tmp_path / "c2.pkl", dict(convention="fair", to_rgb=fmt == "caffe2-affine")
+    if fmt == "detectron2":
+        torch.save(sd, tmp_path / "tv.pth")
+        d2 = convert_weights(str(tmp_path / "tv.pth"), progress=False).state_dict
+        with open(tmp_path / "d2.pkl", "wb") as f:
+            pickle.dump({"model": {k: v.numpy() for k, v in d2.items()}, "__author__": "test"}, f)
+        return tmp_path / "d2.pkl", dict(convention="torchvision")
+    t = resnext_t7_from_torchvision(tv, quirks=False)
+    del _mods(t)[8:]  # no classifier
+    write_t7(tmp_path / "m.t7", t)
+    return tmp_path / "m.t7", {}
+
+
+def _swap_blocks(sd, a, b):
+    out = dict(sd)
+    for k in sd:
+        if k.startswith(a + "."):
+            out[k], out[b + k[len(a):]] = sd[b + k[len(a):]], sd[k]
+    return out
+
+
+WRONG_CONVERSIONS = {
+    "res3.1 and res3.2 swapped": lambda sd: _swap_blocks(sd, "res3.1", "res3.2"),
+    "a BN's running_var x4": lambda sd: {**sd, "res4.0.conv2.norm.running_var": sd["res4.0.conv2.norm.running_var"] * 4},
+    "RGB/BGR stem flipped": lambda sd: {**sd, "stem.conv1.weight": sd["stem.conv1.weight"].flip(1)},
+    "stem for 0-255 pixels": lambda sd: {**sd, "stem.conv1.weight": sd["stem.conv1.weight"] / 255},
+}
+
+
+@pytest.mark.parametrize("fmt", ["torch7", "caffe2-stats", "caffe2-affine", "detectron2", "torchvision", "timm"])
+def test_verify_fails_a_wrong_conversion_of_every_format(fmt, tmp_path):
+    """Each --verify reference computes the source network from the source file itself, not
+    from the converted tensors: the right conversion passes and a conversion with two blocks
+    swapped fails by far (a reference built from the converted weights would agree with it);
+    for Torch7 also a BN statistic altered, the stem's channels reversed or scaled for
+    another pixel range; for --to-rgb Caffe2 weights, verifying them as if not flipped. The
+    references give res2..res5 and nothing else (the docstring's contract)."""
+    import dataclasses
+
+    from resnext_det.checkpoint import max_relative_error
+
+    path, kw = _source_file(fmt, tmp_path)
+    r = convert_weights(str(path), progress=False, **kw)
+    assert r.format == fmt.split("-")[0] and r.metadata.arch.stage_blocks == (1, 3, 1, 1)
+    x = normalized_input(size=32, seed=13)
+    assert sorted(reference_features(r, x)) == list(STAGES)
+    assert max_relative_error(verify_conversion(r, size=32, batch=1)) < TOL
+    edits = WRONG_CONVERSIONS if fmt == "torch7" else dict(list(WRONG_CONVERSIONS.items())[:1])
+    wrong = {name: dataclasses.replace(r, state_dict=edit(r.state_dict)) for name, edit in edits.items()}
+    if r.flipped_to_rgb:  # --to-rgb weights verified as if they were not flipped
+        wrong["--to-rgb not applied"] = dataclasses.replace(r, flipped_to_rgb=False)
+    for name, bad in wrong.items():
+        err = max_relative_error(verify_conversion(bad, size=32, batch=1))
+        assert err > 1e-2, (name, err)
+
+
+# --------------------------------------------------------------------------
+# Layouts: stages found without stage containers; blocks refused at their place
+# --------------------------------------------------------------------------
+def _flat(tv):
+    """All blocks (each its nn.Sequential) in the top nn.Sequential, no classifier: the
+    stages can only be told apart by their projection shortcuts."""
+    t = resnext_t7_from_torchvision(tv, quirks=False)
+    top = _mods(t)
+    _mods(t)[:] = top[:4] + [b for stage in top[4:8] for b in _mods(stage)]
+    return t
+
+
+def test_t7_flat_tree_with_a_form_a_block_names_that_block(tv_small, tmp_path):
+    """In a flat tree a stage starts at a block whose shortcut is a conv + BN projection, and
+    only a two-branch block has one: a form-(a) block (C paths + identity in its
+    ConcatTable) inside res3 stays res3.1 and is refused as such, not miscounted as a new
+    stage because its second branch (a path) holds conv + BN."""
+    t = _flat(tv_small)
+    concat = _mods(_mods(t)[6])[0]  # res3.1: stem (4 modules), res2.0, res3.0, res3.1
+    branch, shortcut = _mods(concat)
+    assert shortcut.typename == "nn.Identity"
+    _mods(concat)[:] = [branch, branch, branch, shortcut]
+    msg = _refused(tmp_path, "flat_form_a", t)
+    assert "res3.1: a Torch7 residual block with 4 branches" in msg and "form (c)" in msg
+
+
+def test_t7_stage_containers_with_inlined_blocks_convert_and_verify(tv_small, tmp_path):
+    """Stage containers holding each block's modules inline (ConcatTable, CAddTable, ReLU with
+    no nn.Sequential per block): the stages start at the projection shortcuts, the converted
+    weights give torchvision's features and --verify's interpreter ends each stage where its
+    container ends."""
+    t = resnext_t7_from_torchvision(tv_small, quirks=False)
+    for stage in _mods(t)[4:8]:
+        _mods(stage)[:] = [m for b in _mods(stage) for m in _mods(b)]
+    write_t7(tmp_path / "inline.t7", t)
+    r = convert_weights(str(tmp_path / "inline.t7"), progress=False)
+    assert r.metadata.arch.stage_blocks == (1, 2, 1, 2)
+    x = normalized_input(size=32, seed=5)
+    ref = tv_stages(tv_small, x)
+    assert_same_features(converted_stages(r, x), ref, "converted")
+    assert_same_features(reference_features(r, x), ref, "reference")
+
+
+def _inlined_in_top(tv, *, classifier=False):
+    """Every block's modules (ConcatTable, CAddTable, ReLU) inline in the network's top
+    nn.Sequential (with or without the classifier after them): a block's ConcatTable has no
+    container but the network."""
+    t = resnext_t7_from_torchvision(tv, quirks=False)
+    top = _mods(t)
+    _mods(t)[:] = (top[:4] + [m for stage in top[4:8] for b in _mods(stage) for m in _mods(b)]
+                   + (top[8:] if classifier else []))
+    return t
+
+
+def test_t7_blocks_inlined_in_the_top_sequential_convert(tv_small, tmp_path):
+    """Blocks whose ConcatTable sits in the network's top nn.Sequential (no parent container
+    above it) convert: the stages start at the projection shortcuts and the converted
+    weights give torchvision's features."""
+    write_t7(tmp_path / "inline_top.t7", _inlined_in_top(tv_small))
+    r = convert_weights(str(tmp_path / "inline_top.t7"), progress=False)
+    assert r.metadata.arch.stage_blocks == (1, 2, 1, 2)
+    x = normalized_input(size=32, seed=5)
+    assert_same_features(converted_stages(r, x), tv_stages(tv_small, x))
+
+
+@pytest.mark.parametrize("classifier", [False, True])
+def test_t7_blocks_inlined_in_the_top_sequential_can_be_verified(tv_small, tmp_path, classifier):
+    """--verify's reference gives res2..res5 of a network whose blocks are inlined in its top
+    nn.Sequential, as it does for the other layouts the converter takes (it recorded a stage
+    when the container of its last block ended: here the whole network, so res5 only, or
+    "cannot run a SpatialAveragePooling before res5" with the classifier there)."""
+    write_t7(tmp_path / "inline_top.t7", _inlined_in_top(tv_small, classifier=classifier))
+    r = convert_weights(str(tmp_path / "inline_top.t7"), progress=False)
+    x = normalized_input(size=32, seed=5)
+    assert_same_features(reference_features(r, x), tv_stages(tv_small, x))
+
+
+def test_caffe2_file_with_bn_statistics_keeps_them_and_is_not_affine(tmp_path):
+    """A Caffe2 file with _bn_rm/_bn_riv is BN-trained: its statistics are kept as the running
+    mean/var (Detectron2's naming: riv is the running variance) and the metadata says "BN",
+    not "affine" (which would warn about folded BN under a training-mode norm)."""
+    import pickle
+
+    tv = tv_resnext(layers=(1, 1, 1, 1), groups=2, width=4, seed=7)
+    blobs = _caffe2_blobs_with_stats(tv.state_dict())
+    with open(tmp_path / "stats.pkl", "wb") as f:
+        pickle.dump({"blobs": blobs}, f, protocol=2)
+    r = convert_weights(str(tmp_path / "stats.pkl"), convention="fair", progress=False)
+    assert r.metadata.weights_norm == "BN"
+    for d2, c2 in (("stem.conv1.norm", "res_conv1"), ("res4.0.conv2.norm", "res4_0_branch2b"),
+                   ("res5.0.shortcut.norm", "res5_0_branch1")):
+        assert torch.equal(r.state_dict[d2 + ".running_mean"], torch.as_tensor(blobs[c2 + "_bn_rm"]))
+        assert torch.equal(r.state_dict[d2 + ".running_var"], torch.as_tensor(blobs[c2 + "_bn_riv"]))
+
+
+def test_t7_conv_fields_that_do_not_fit_its_weight_are_refused_clearly(tmp_path):
+    """A convolution without kH (or nOutputPlane), or whose kH does not fit its weight, is a
+    ConversionError naming the Torch7 module, like the other malformed trees."""
+    tv = tv_resnext(layers=(1, 1, 1, 1), groups=2, width=4)
+    for name, edit in (("no_kH", lambda f: f.pop("kH")), ("no_nOutputPlane", lambda f: f.pop("nOutputPlane")),
+                       ("kH_5", lambda f: f.update(kH=5))):
+        t = resnext_t7_from_torchvision(tv, quirks=False)
+        del _mods(t)[8:]
+        edit(_mods(_mods(_mods(_mods(_mods(t)[5])[0])[0])[0])[3].fields)  # res3.0's grouped 3x3 conv
+        msg = _refused(tmp_path, name, t)
+        assert "res3.0.conv2" in msg and "SpatialConvolution" in msg and "kH" in msg, (name, msg)
+
+
+def test_t7_form_b_block_of_the_resnext_release_is_refused_naming_it(tmp_path):
+    """facebookresearch/ResNeXt's bottleneckType 'resnext_B' (form (b)): the residual branch
+    is nn.Sequential(ConcatTable of C paths (1x1, 3x3), JoinTable, 1x1 conv, BN). Its inner
+    ConcatTable is not taken for blocks of their own; the block is refused as not form (c),
+    naming it."""
+    tv = tv_resnext(layers=(1, 1, 1, 1), groups=2, width=4)
+    t = resnext_t7_from_torchvision(tv, quirks=False)
+    del _mods(t)[8:]
+    concat = _mods(_mods(_mods(t)[6])[0])[0]  # res4.0
+    branch = _mods(concat)[0]
+    c1, b1, relu, c2, b2, _, c3, b3 = _mods(branch)
+    paths = T7("nn.ConcatTable", modules=[seq(c1, b1, relu, c2, b2, relu), seq(c1, b1, relu, c2, b2, relu)])
+    _mods(concat)[0] = seq(paths, T7("nn.JoinTable", dimension=2), c3, b3)
+    msg = _refused(tmp_path, "form_b", t)
+    assert "res4.0: the residual branch has 1 conv" in msg and "forms (a)/(b)" in msg
+
+
+def test_t7_flat_replica_in_a_data_parallel_table_converts_and_verifies(tv_small, tmp_path):
+    """A flat network (blocks one after another, stages told by their projections) saved as
+    replicas in an nn.DataParallelTable: each block is the nn.Sequential right above its
+    ConcatTable (not the replica holding all of them), so the converted weights and --verify's
+    interpreter both give torchvision's res2..res5."""
+    t = seq(T7("nn.DataParallelTable", modules=[_flat(tv_small), _flat(tv_small)], dimension=1))
+    write_t7(tmp_path / "dpt_flat.t7", t)
+    tree = torchfile.load(str(tmp_path / "dpt_flat.t7"))
+    _, stages = torch7_layout(tree)
+    replica = tree.modules[0].modules[0]
+    assert [[container for container, _ in s] for s in stages] == [
+        replica.modules[4:5], replica.modules[5:7], replica.modules[7:8], replica.modules[8:10]]
+    r = convert_weights(str(tmp_path / "dpt_flat.t7"), progress=False)
+    x = normalized_input(size=32, seed=5)
+    ref = tv_stages(tv_small, x)
+    assert_same_features(converted_stages(r, x), ref, "converted")
+    assert_same_features(reference_features(r, x), ref, "reference")
+
+
+def test_torchvision_file_without_classifier_is_verified(tmp_path):
+    """A torchvision backbone file without its fc (a feature-extractor checkpoint) is verified:
+    the reference network's classifier is never run, so its absent weights are no error."""
+    from resnext_det.checkpoint import max_relative_error
+
+    tv = tv_resnext(layers=(1, 1, 1, 1), groups=2, width=4, seed=14)
+    torch.save({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}, tmp_path / "nofc.pth")
+    r = convert_weights(str(tmp_path / "nofc.pth"), progress=False)
+    assert r.format == "torchvision" and r.dropped == []
+    assert max_relative_error(verify_conversion(r, size=32, batch=1)) < TOL

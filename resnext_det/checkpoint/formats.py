@@ -194,11 +194,23 @@ def _arr(x) -> Optional[torch.Tensor]:
     return torch.from_numpy(np.array(x, dtype=np.float32))
 
 
-def _t7_conv(conv) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _t7_conv(conv, *, where: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A Torch7 convolution's weight as (out, in, kH, kW), and its bias; ``where`` (e.g.
+    "res3.0.conv2") names it in the error when its fields do not describe its weight."""
     w = _arr(_field(conv, "weight"))
     if w is None:
-        raise ConversionError(f"a Torch7 {_typename(conv)} has no weight")
-    kh, kw, n_out = int(_field(conv, "kH")), int(_field(conv, "kW")), int(_field(conv, "nOutputPlane"))
+        raise ConversionError(f"{where}: a Torch7 {_typename(conv)} has no weight")
+    shape = {k: _field(conv, k) for k in ("kH", "kW", "nOutputPlane")}
+    try:
+        kh, kw, n_out = (int(shape[k]) for k in ("kH", "kW", "nOutputPlane"))
+    except (TypeError, ValueError):
+        kh = kw = n_out = 0
+    if min(kh, kw, n_out) < 1 or w.numel() % (n_out * kh * kw):
+        raise ConversionError(
+            f"{where}: a Torch7 {_typename(conv)} whose kH, kW, nOutputPlane "
+            f"({', '.join(f'{k}={v!r}' for k, v in shape.items())}) do not describe its weight of "
+            f"shape {tuple(w.shape)}: the file is damaged or not a Torch7 convolution"
+        )
     w = w.reshape(n_out, -1, kh, kw)  # SpatialConvolutionMM stores (out, in*kh*kw)
     return w, _arr(_field(conv, "bias"))
 
@@ -321,7 +333,7 @@ def torch7_to_d2(tree) -> Dict[str, torch.Tensor]:
     to Detectron2 names by walking its module tree."""
     stem, stages = torch7_layout(tree)
     out: Dict[str, torch.Tensor] = {}
-    w, b = _t7_conv(stem[0])
+    w, b = _t7_conv(stem[0], where="stem.conv1")
     out["stem.conv1.weight"] = w
     for k, v in _t7_bn(stem[1], b).items():
         out[f"stem.conv1.norm.{k}"] = v
@@ -343,13 +355,13 @@ def torch7_to_d2(tree) -> Dict[str, torch.Tensor]:
                     "paper's 3 (1x1, grouped 3x3, 1x1); forms (a)/(b) and basic blocks are not supported"
                 )
             for k, (conv, bn) in enumerate(pairs, start=1):
-                w, b = _t7_conv(conv)
+                w, b = _t7_conv(conv, where=f"{prefix}.conv{k}")
                 out[f"{prefix}.conv{k}.weight"] = w
                 for n, v in _t7_bn(bn, b).items():
                     out[f"{prefix}.conv{k}.norm.{n}"] = v
             sc = _conv_bn_pairs(shortcut) if _t7_modules(shortcut) else []
             if len(sc) == 1:
-                w, b = _t7_conv(sc[0][0])
+                w, b = _t7_conv(sc[0][0], where=f"{prefix}.shortcut")
                 out[f"{prefix}.shortcut.weight"] = w
                 for n, v in _t7_bn(sc[0][1], b).items():
                     out[f"{prefix}.shortcut.norm.{n}"] = v

@@ -130,8 +130,18 @@ class _Done(Exception):
 def _torch7_features(result: ConversionResult, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Run the Torch7 module tree as stored, recording each stage's output."""
     _, stages = torch7_layout(result.source.tree)
+    # A stage's output is that of its last block: the ConcatTable's sum after CAddTable and
+    # ReLU in the same container (blocks may be inlined in their stage's or the network's
+    # nn.Sequential), else the end of the container that holds the ConcatTable.
     last_blocks = {id(stage[-1][0]): name for name, stage in zip(_STAGES, stages)}
+    last_concats = {id(stage[-1][1]): name for name, stage in zip(_STAGES, stages)}
     out: Dict[str, torch.Tensor] = {}
+
+    def record(name, h):
+        if name not in out:
+            out[name] = h
+            if len(out) == 4:
+                raise _Done
 
     def t(m, name):
         a = _field(m, name)
@@ -146,8 +156,16 @@ def _torch7_features(result: ConversionResult, x: torch.Tensor) -> Dict[str, tor
     def run(m, h):
         typ = _typename(m)
         if typ.endswith(("Sequential", "DataParallelTable")):
+            stage, added = None, False  # a stage's last block whose output comes next
             for c in _t7_modules(m):
                 h = run(c, h)
+                if id(c) in last_concats:
+                    stage, added = last_concats[id(c)], False
+                elif stage is not None and _typename(c).endswith("CAddTable"):
+                    added = True
+                elif stage is not None and added and _typename(c).endswith("ReLU"):
+                    record(stage, h)
+                    stage = None
         elif typ.endswith("ConcatTable"):
             h = [run(c, h) for c in _t7_modules(m)]
         elif typ.endswith("CAddTable"):
@@ -180,9 +198,7 @@ def _torch7_features(result: ConversionResult, x: torch.Tensor) -> Dict[str, tor
         else:
             raise RuntimeError(f"the Torch7 reference cannot run a {typ} before res5")
         if id(m) in last_blocks:
-            out[last_blocks[id(m)]] = h
-            if len(out) == 4:
-                raise _Done
+            record(last_blocks[id(m)], h)
         return h
 
     try:
