@@ -1026,3 +1026,270 @@ def test_a_backbone_with_one_tensor_too_many_or_too_few_is_refused_naming_it(tv2
     sd.pop("res4.0.conv2.weight")
     with pytest.raises(ConversionError, match=r"1 tensors missing, e\.g\. \['res4\.0\.conv2\.weight'\]"):
         check_against_model(sd, arch)
+
+
+# --------------------------------------------------------------------------
+# What the written files hold, what the architecture is read as, and the detector
+# conventions, each against a reference written here by hand
+# --------------------------------------------------------------------------
+def tv_key_to_d2(k: str):
+    """torchvision's name -> Detectron2's, as Detectron2's tools/convert-torchvision-to-d2.py
+    renames them (None: not part of the backbone)."""
+    if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+        return None
+    if k.startswith("conv1."):
+        return "stem." + k
+    if k.startswith("bn1."):
+        return "stem.conv1.norm." + k[len("bn1."):]
+    m = re.match(r"layer(\d)\.(\d+)\.(.*)", k)
+    stage, block, rest = f"res{int(m[1]) + 1}", m[2], m[3]
+    rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
+    rest = rest.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+    return f"{stage}.{block}.{rest}"
+
+
+def test_converted_backbone_file_holds_detectron2_names_and_its_record(tv26):
+    """The written backbone file is a Detectron2 ImageNet checkpoint: every torchvision tensor
+    under the name Detectron2's own converter gives it (fc dropped), float32 and equal,
+    ``matching_heuristics`` True (docs/weights.md: plain Detectron2 maps it by suffix), and
+    the record of its source: format, file name, sha256, convention, what was dropped."""
+    tv, d, _ = tv26
+    ckpt = torch.load(d / "tv26-d2.pth", weights_only=True)
+    assert set(ckpt) == {"model", "__author__", "matching_heuristics", "resnext_det"}
+    assert ckpt["matching_heuristics"] is True and "torchvision" in ckpt["__author__"]
+    src = tv.state_dict()
+    want = {tv_key_to_d2(k): v for k, v in src.items() if tv_key_to_d2(k)}
+    assert set(ckpt["model"]) == set(want)
+    for k, v in want.items():
+        assert ckpt["model"][k].dtype == torch.float32 and torch.equal(ckpt["model"][k], v), k
+    source = ckpt["resnext_det"]["source"]
+    assert source["format"] == "torchvision" and source["file"] == "tv26.pth"
+    assert source["sha256"] == sha256_of(d / "tv26.pth") and source["convention"] == "torchvision"
+    assert source["flipped_to_rgb"] is False and source["dropped"] == ["fc.bias", "fc.weight"]
+
+
+def test_format_names_are_the_listed_lowercase_choices(tv26):
+    """--format takes the names of docs/weights.md as written (argparse ``choices``, case
+    sensitive): "torchvision" converts, "TorchVision" is refused naming the choices."""
+    from resnext_det.checkpoint.formats import FORMATS
+
+    _, d, _ = tv26
+    assert convert_weights(str(d / "tv26.pth"), fmt="torchvision", progress=False).format == "torchvision"
+    with pytest.raises(ConversionError) as e:
+        convert_weights(str(d / "tv26.pth"), fmt="TorchVision", progress=False)
+    msg = str(e.value)
+    assert "'TorchVision'" in msg and names(msg, "--format")
+    assert all(repr(f) in msg for f in FORMATS) and "'auto'" in msg
+    with pytest.raises(SystemExit):  # argparse refuses it before any conversion
+        run_tool(d / "tv26.pth", d / "never.pth", "--format", "TORCHVISION", check=False)
+    assert not (d / "never.pth").exists()
+
+
+def test_a_detector_given_to_the_format_resolver_is_sent_to_model_weights():
+    """A detector checkpoint is no ImageNet backbone: the format resolver refuses it and
+    tells the user to use it as MODEL.WEIGHTS directly."""
+    from resnext_det.checkpoint.convert import _resolve_format
+    from resnext_det.checkpoint.readers import SourceWeights
+
+    src = SourceWeights("det.pth", "zip", tensors={"backbone.bottom_up.stem.conv1.weight": torch.zeros(1)})
+    with pytest.raises(ConversionError) as e:
+        _resolve_format(src, "auto")
+    # the key, ready to copy (a sentence may end after it)
+    assert "'det.pth'" in str(e.value) and re.search(r"(?<![\w.])MODEL\.WEIGHTS(?![\w-]|\.\w)", str(e.value))
+
+
+def test_progress_false_draws_no_progress_bar(tv26, capsys):
+    """progress=False (the library default of the tests, --quiet in the tool) writes nothing
+    to the terminal: no tqdm bar on stderr."""
+    _, d, _ = tv26
+    capsys.readouterr()
+    convert_weights(str(d / "tv26.pth"), progress=False)
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == ""
+
+
+def test_converted_detector_file_keeps_every_tensor_and_names_its_origin(tmp_path, tv26):
+    """A detector written by the converter keeps its own (Detectron2) tensor names, no
+    ``matching_heuristics`` (the names are full), and says where it came from: the source
+    file's ``__author__`` (or that it is a detector) and the record of its convention."""
+    _, _, r = tv26
+    bufs = {"pixel_mean": torch.tensor(D2_BGR_MEAN), "pixel_std": torch.tensor(D2_BGR_STD)}
+    path = tmp_path / "theirs.pth"
+    src = save_detector(path, r.state_dict, bufs, __author__="Lab X trainer")
+    r2 = convert_weights(str(path), stride_in_1x1=False, progress=False)
+    save_converted(r2, str(tmp_path / "out.pth"))
+    ckpt = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert set(ckpt) == {"model", "__author__", "resnext_det"}
+    assert set(ckpt["model"]) == set(src) and all(torch.equal(ckpt["model"][k], v) for k, v in src.items())
+    assert "Lab X trainer" in ckpt["__author__"]
+    rec = ckpt["resnext_det"]
+    assert rec["kind"] == "detector" and rec["input"]["format"] == "BGR"
+    assert rec["input"]["pixel_std"] == pytest.approx(D2_BGR_STD) and rec["arch"]["stride_in_1x1"] is False
+    assert rec["source"]["format"] == "detector" and "Lab X trainer" in rec["source"]["origin"]
+    assert rec["source"]["file"] == "theirs.pth" and rec["source"]["sha256"] == sha256_of(path)
+    assert r2.format == "detector" and r2.dropped == []
+
+    save_detector(tmp_path / "anon.pth", r.state_dict, bufs)  # no __author__
+    r3 = convert_weights(str(tmp_path / "anon.pth"), stride_in_1x1=False, progress=False)
+    author = r3.checkpoint()["__author__"]
+    assert "detector" in author and "None" not in author
+    assert "(" not in r3.metadata.source["origin"]  # no author to name
+
+
+def test_a_backbone_with_a_tensor_of_another_shape_is_refused_naming_it(tv26):
+    """Same keys, one tensor of another shape (a res3 conv of other width): refused, the
+    message names the key and both shapes."""
+    from resnext_det.checkpoint.layout import check_against_model, infer_arch
+
+    _, _, r = tv26
+    sd = dict(r.state_dict)
+    arch = infer_arch(sd)
+    good = tuple(sd["res3.1.conv1.weight"].shape)
+    sd["res3.1.conv1.weight"] = torch.zeros(good[0] + 2, *good[1:])
+    with pytest.raises(ConversionError) as e:
+        check_against_model(sd, arch)
+    msg = str(e.value)
+    assert "1 of another shape" in msg and "res3.1.conv1.weight" in msg
+    assert str((good[0] + 2, *good[1:])) in msg and str(good) in msg
+    assert "missing" not in msg and "unexpected" not in msg
+
+
+def test_converted_trunk_is_checked_as_the_whole_frozen_bn_imagenet_trunk(tv26):
+    """trunk_spec: whatever the spec's norm, outputs and freezing (a detector config's), the
+    reference is the ImageNet trunk: FrozenBN (no num_batches_tracked), res2..res5 out,
+    nothing frozen, same shapes; a converted file passes against a SyncBN spec too."""
+    from resnext_det.checkpoint.layout import check_against_model, infer_arch, trunk_spec
+
+    _, _, r = tv26
+    arch = infer_arch(r.state_dict).replace(norm="SyncBN", freeze_at=3, out_features=("res4",))
+    t = trunk_spec(arch)
+    assert (t.norm, t.freeze_at, tuple(t.out_features)) == ("FrozenBN", 0, ("res2", "res3", "res4", "res5"))
+    assert (t.stage_blocks, t.cardinality, t.bottleneck_width) == ((2, 2, 2, 2), 4, 4)
+    check_against_model(dict(r.state_dict), arch)  # no error
+
+
+def hand_sd(blocks=(3, 4, 6, 3), conv2=(128, 4, 3, 3), stem=(64, 3, 7, 7), res2_out=256):
+    """The tensors infer_arch reads, typed by hand: block indices, the stem conv, res2.0's
+    grouped 3x3 conv (C*d, d, 3, 3) and its last 1x1 conv."""
+    sd = {f"res{s + 2}.{b}.conv1.weight": torch.zeros(1) for s, n in enumerate(blocks) for b in range(n)}
+    sd["stem.conv1.weight"] = torch.zeros(stem)
+    sd["res2.0.conv2.weight"] = torch.zeros(conv2)
+    sd["res2.0.conv3.weight"] = torch.zeros(res2_out, conv2[0], 1, 1)
+    return sd
+
+
+@pytest.mark.parametrize("blocks,conv2,depth,c,d", [
+    ((3, 4, 6, 3), (128, 4, 3, 3), 50, 32, 4),     # X-50-32x4d (Table 1)
+    ((3, 4, 23, 3), (256, 8, 3, 3), 101, 32, 8),   # X-101-32x8d
+    ((3, 8, 36, 3), (256, 4, 3, 3), 152, 64, 4),   # X-152-64x4d
+    ((3, 4, 6, 3), (64, 64, 3, 3), 50, 1, 64),     # ResNet-50: C=1, d=64
+])  # fmt: skip
+def test_infer_arch_reads_depth_cardinality_and_width_from_hand_built_tensors(blocks, conv2, depth, c, d):
+    """Depth = 3 * blocks + 2; d = the grouped conv's input channels per group, C = its
+    output channels / d (Sec. 3.3); stem and res2 widths from their convs."""
+    from resnext_det.checkpoint.layout import infer_arch
+
+    a = infer_arch(hand_sd(blocks, conv2, stem=(32, 3, 7, 7), res2_out=128), stride_in_1x1=True)
+    assert (a.stage_blocks, a.depth, a.cardinality, a.bottleneck_width) == (blocks, depth, c, d)
+    assert (a.stem_out_channels, a.res2_out_channels, a.stride_in_1x1) == (32, 128, True)
+
+
+def test_infer_arch_refuses_hand_built_tensors_that_make_no_resnext_naming_why():
+    """Each malformed layout is refused with what is wrong: a gap in a stage's block
+    indices, a missing stage, a grouped conv whose width is no multiple of its group width,
+    a stem that is not a 7x7 conv on 3 channels, a missing res2.0 conv."""
+    from resnext_det.checkpoint.layout import infer_arch
+
+    sd = hand_sd()
+    sd["res4.7.conv1.weight"] = sd.pop("res4.5.conv1.weight")  # indices 0..4, 7
+    with pytest.raises(ConversionError, match=r"res4 block indices.*\[0, 1, 2, 3, 4, 7\]"):
+        infer_arch(sd)
+    sd = {k: v for k, v in hand_sd().items() if not k.startswith("res5.")}
+    with pytest.raises(ConversionError, match="no res5 blocks"):
+        infer_arch(sd)
+    with pytest.raises(ConversionError) as e:
+        infer_arch(hand_sd(conv2=(126, 4, 3, 3)))  # 126 channels, groups of 4
+    assert "res2.0 conv2" in str(e.value) and "126" in str(e.value) and "4" in str(e.value)
+    with pytest.raises(ConversionError, match=r"stem conv weight has shape \(64, 3, 3, 3\)"):
+        infer_arch(hand_sd(stem=(64, 3, 3, 3)))
+    sd = hand_sd()
+    del sd["res2.0.conv3.weight"]
+    with pytest.raises(ConversionError, match=r"res2\.0\.conv3\.weight"):
+        infer_arch(sd)
+
+
+def test_detector_trunk_of_fpn_and_c4_layouts_without_bn_counters(tv26):
+    """An FPN detector keeps its trunk under backbone.bottom_up., a C4 one under backbone.
+    with res5 in roi_heads.res5.: both give the trunk in backbone names, without the
+    num_batches_tracked counters of a (Sync)BN training, and nothing of the heads."""
+    from resnext_det.checkpoint.layout import check_against_model, detector_trunk, infer_arch
+
+    _, _, r = tv26
+    trunk = dict(r.state_dict)
+    counters = {k[: -len("running_mean")] + "num_batches_tracked": torch.tensor(7)
+                for k in trunk if k.endswith("running_mean")}  # fmt: skip
+    heads = {"backbone.fpn_lateral2.weight": torch.zeros(1), "roi_heads.box_predictor.cls_score.weight": torch.zeros(1),
+             "proposal_generator.rpn_head.conv.weight": torch.zeros(1)}  # fmt: skip
+    fpn = {f"backbone.bottom_up.{k}": v for k, v in {**trunk, **counters}.items()}
+    c4 = {(f"roi_heads.{k}" if k.startswith("res5.") else f"backbone.{k}"): v for k, v in {**trunk, **counters}.items()}
+    for tensors in ({**fpn, **heads}, {**c4, **heads}):
+        got = detector_trunk(tensors)
+        assert set(got) == set(trunk)
+        assert all(got[k] is tensors[n] for k in got for n in (f"backbone.bottom_up.{k}", f"backbone.{k}",
+                                                                  f"roi_heads.{k}") if n in tensors)  # fmt: skip
+        check_against_model(got, infer_arch(got))
+    assert detector_trunk(heads) == {}
+
+
+def test_what_a_detector_file_tells_nothing_of_gives_no_metadata():
+    """A convention the file does not tell, with no config to assume from: no input record
+    and no architecture (not a guess, not an error)."""
+    from resnext_det.checkpoint.layout import DetectorConvention
+
+    m = DetectorConvention("a detector checkpoint").metadata()
+    assert m.kind == "detector" and m.input is None and m.arch is None
+    assert DetectorConvention("a detector checkpoint").unknown_keys() == ["INPUT.FORMAT", "MODEL.PIXEL_MEAN",
+                                                                          "MODEL.PIXEL_STD"]  # fmt: skip
+
+
+@pytest.mark.parametrize("mean,fmt", [
+    ((103.53, 116.28, 123.675), "BGR"),    # Detectron2's Caffe2 mean
+    ((123.675, 116.28, 103.53), "RGB"),    # torchvision's x 255
+    ((103.6, 116.2, 123.6), "BGR"),        # within 0.1 %
+    ((103.0, 116.28, 123.675), None),      # 0.5 % off: another mean
+    ((0.485, 0.456, 0.406), None),         # torchvision's on the 0-1 scale
+    ((116.28, 116.28, 116.28), None),
+])  # fmt: skip
+def test_channel_order_is_read_from_an_imagenet_mean_buffer_only(mean, fmt):
+    """pixel_mean buffers give the channel order only when they are ImageNet's mean (0-255)
+    in one order; any other mean leaves INPUT.FORMAT unknown (named in the warning)."""
+    from resnext_det.checkpoint.layout import detector_convention
+
+    found = detector_convention({"pixel_mean": torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)}, {})
+    assert found.format == fmt and found.pixel_mean == pytest.approx(mean)
+    assert ("INPUT.FORMAT" in found.unknown_keys()) == (fmt is None)
+
+
+def test_to_rgb_on_backbones_flips_only_bgr_weights_and_says_so(tmp_path, tv26, caplog):
+    """--to-rgb on BGR (Caffe2) weights reverses the stem conv's input channels, records it
+    and logs it naming the flag; on torchvision (RGB) weights nothing is flipped and the log
+    says so."""
+    tv, d, r = tv26
+    blobs = tv_to_caffe2_blobs(tv_resnext(layers=(1, 1, 1, 1)).state_dict())
+    with open(tmp_path / "X-14.pkl", "wb") as f:
+        pickle.dump({"blobs": blobs}, f, protocol=2)
+    with caplog.at_level(logging.INFO, logger="resnext_det"):
+        r2 = convert_weights(str(tmp_path / "X-14.pkl"), convention="fair", to_rgb=True, progress=False)
+    assert torch.equal(r2.state_dict["stem.conv1.weight"], torch.as_tensor(blobs["conv1_w"]).flip(1))
+    assert r2.flipped_to_rgb is True and r2.metadata.source["flipped_to_rgb"] is True
+    assert r2.metadata.input.format == "RGB" and r2.metadata.source["convention"] == "fair"
+    logs = [rec.getMessage() for rec in caplog.records if "--to-rgb" in rec.getMessage()]
+    assert len(logs) == 1 and names(logs[0], "--to-rgb") and "BGR -> RGB" in logs[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="resnext_det"):
+        r3 = convert_weights(str(d / "tv26.pth"), to_rgb=True, progress=False)
+    assert torch.equal(r3.state_dict["stem.conv1.weight"], tv.state_dict()["conv1.weight"])
+    assert r3.flipped_to_rgb is False and r3.metadata.source["flipped_to_rgb"] is False
+    logs = [rec.getMessage() for rec in caplog.records if "--to-rgb" in rec.getMessage()]
+    assert len(logs) == 1 and names(logs[0], "--to-rgb") and "BGR -> RGB" not in logs[0]
