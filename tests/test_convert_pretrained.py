@@ -432,7 +432,7 @@ def test_bgr_weights_with_rgb_config_are_refused(tmp_path, tv26):
     msg = str(e.value)
     assert "INPUT.FORMAT: the weights were trained on BGR input, the config feeds RGB" in msg
     assert "--to-rgb" in msg and "MODEL.PIXEL_MEAN" in msg and "MODEL.PIXEL_STD" in msg
-    assert "INPUT.FORMAT BGR MODEL.PIXEL_MEAN [103.53, 116.28, 123.675]" in msg
+    assert "INPUT.FORMAT BGR MODEL.PIXEL_MEAN '[103.53, 116.28, 123.675]'" in msg
 
 
 def test_architecture_mismatch_at_load_names_the_keys(tv26):

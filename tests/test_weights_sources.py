@@ -292,7 +292,7 @@ def test_detectron2_fair_name_records_bgr_and_is_checked_against_the_config(serv
     cfg = detector_cfg("FPN", [("MODEL.WEIGHTS", name), *X26_LINES])
     with pytest.raises(WeightsConfigError) as e:
         load_detector(cfg)
-    assert "INPUT.FORMAT BGR MODEL.PIXEL_MEAN [103.53, 116.28, 123.675] MODEL.PIXEL_STD [57.375, 57.12, 58.395]" in str(e.value)
+    assert "INPUT.FORMAT BGR MODEL.PIXEL_MEAN '[103.53, 116.28, 123.675]' MODEL.PIXEL_STD '[57.375, 57.12, 58.395]'" in str(e.value)
     # With them: the features of the source on the same (BGR) input.
     cfg = detector_cfg("FPN", [("MODEL.WEIGHTS", name), *X26_LINES, *FAIR_BGR_LINES])
     x = normalized_input(seed=4)
@@ -545,7 +545,7 @@ def test_zoo_detector_into_rgb_config_is_refused_with_the_key_lines(zoo_detector
         ResNeXtCheckpointer(build_model(cfg).eval(), cfg=cfg, require="all").load(cfg.MODEL.WEIGHTS)
     msg = str(e.value)
     assert "INPUT.FORMAT: the weights were trained on BGR input, the config feeds RGB" in msg
-    assert "INPUT.FORMAT BGR MODEL.PIXEL_MEAN [103.53, 116.28, 123.675] MODEL.PIXEL_STD [57.375, 57.12, 58.395]" in msg
+    assert "INPUT.FORMAT BGR MODEL.PIXEL_MEAN '[103.53, 116.28, 123.675]' MODEL.PIXEL_STD '[57.375, 57.12, 58.395]'" in msg
     assert "--to-rgb" in msg
 
 
@@ -926,7 +926,7 @@ def test_offline_message_gives_a_command_the_converter_accepts(monkeypatch, tmp_
         assert args.pixel_std == pytest.approx([255 * v for v in OPENAI_CLIP_STD], abs=1e-3)
     else:
         assert args.pixel_mean is None and args.pixel_std is None
-    if arch:  # ImageNet weights of a known trunk: the converted file is what to load
+    if arch or name.startswith("timm://"):  # ImageNet weights (timm has no detectors): the converted file
         assert m[2] == out, msg
     else:  # a trunk the name does not tell, perhaps a detector checkpoint: then the file itself
         assert m[2].startswith(out + " (") and "detector checkpoint" in m[2], msg
@@ -1080,3 +1080,317 @@ def test_cache_folder_follows_resnext_det_cache_then_xdg_then_home(tmp_path, mon
     assert cache_dir() == str(tmp_path / "xdg" / "resnext_det")
     monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "mine"))
     assert cache_dir() == str(tmp_path / "mine")
+
+
+# --------------------------------------------------------------------------
+# Staging, conversion options and detector checkpoints of a download
+# (issue #16: mutation survivors of fetch_weights/_install)
+# --------------------------------------------------------------------------
+def test_download_is_staged_beside_its_cache_entry_and_a_killed_runs_staging_is_removed(
+    serve, tmp_path, monkeypatch, x26_bytes
+):
+    """The module's contract: a file is downloaded "into a temporary folder beside
+    it" (the cache folder, so the final rename is atomic on one filesystem, not a
+    copy across filesystems from /tmp), and the folder a killed run left for that
+    file is removed by the next run, while another file's (whose download may be
+    running under its own lock) is kept. Catches staging in the system temp
+    folder, an unrecognisable staging name, and a clean-up that removes too much,
+    too little, or fails on an entry that is not a folder."""
+    from resnext_det.checkpoint import sources
+
+    server = serve({"/w/x26.pth": x26_bytes})
+    name = f"{server.url}/w/x26.pth"
+    paths = cached_paths(resolve_source(name), str(tmp_path / "cache"))
+    folder = os.path.dirname(paths["download"])
+    staged = []
+    real = sources._download
+
+    def spy(src, dest, **kw):
+        staged.append(dest)
+        return real(src, dest, **kw)
+
+    monkeypatch.setattr(sources, "_download", spy)
+    os.makedirs(folder)
+    killed = os.path.join(folder, ".x26.pth.tmp-killed")  # left by a run of this file, killed
+    os.makedirs(os.path.join(killed, "sub"))
+    open(os.path.join(killed, "x26.pth"), "wb").write(b"partial")
+    other = os.path.join(folder, ".x50.pth.tmp-running")  # another file's download
+    os.makedirs(other)
+    not_a_folder = os.path.join(folder, ".x26.pth.tmp-copy")  # e.g. an interrupted copy's temporary file
+    open(not_a_folder, "wb").write(b"")
+
+    out = fetch_weights(name, progress=False)
+    assert out == paths["converted"] and len(staged) == 1
+    staging, filename = os.path.split(staged[0])
+    assert filename == "x26.pth" and os.path.dirname(staging) == folder, staged
+    assert open(paths["download"], "rb").read() == x26_bytes
+    assert sorted(os.listdir(folder)) == sorted(["x26.pth", ".x50.pth.tmp-running", ".x26.pth.tmp-copy"])
+
+    # A run killed while downloading leaves its staging folder: the next run removes it.
+    os.makedirs(staging)
+    open(staged[0], "wb").write(x26_bytes[:100])
+    os.unlink(paths["download"])
+    os.unlink(paths["converted"])
+    assert fetch_weights(name, progress=False) == paths["converted"]
+    assert len(staged) == 2 and server.hits == {"/w/x26.pth": 2}
+    assert sorted(os.listdir(folder)) == sorted(["x26.pth", ".x50.pth.tmp-running", ".x26.pth.tmp-copy"])
+
+
+def test_timm_mean_std_and_the_names_provenance_reach_the_converted_file(serve, monkeypatch):
+    """A timm pretrained_cfg's mean/std (0-1 scale) are the input convention of the
+    converted file, on Detectron2's 0-255 scale, and the file records the name and
+    the URL it came from. Catches a mean or std not handed to the converter."""
+    import timm.models
+    from timm.models import PretrainedCfg
+
+    cfg = PretrainedCfg(hf_hub_id="timm/resnext50_32x4d.test_in1k", mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: cfg)
+    tv = tv_resnext(seed=4)
+    path = "/huggingface.co/timm/resnext50_32x4d.test_in1k/resolve/main/model.safetensors"
+    serve({path: safetensors_bytes({k: v.contiguous() for k, v in tv.state_dict().items()})})
+    name = "timm://resnext50_32x4d.test_in1k"
+    meta = torch.load(fetch_weights(name, progress=False), weights_only=True)["resnext_det"]
+    assert meta["input"]["format"] == "RGB"
+    assert meta["input"]["pixel_mean"] == pytest.approx([127.5, 127.5, 127.5])  # 255 * 0.5
+    assert meta["input"]["pixel_std"] == pytest.approx([63.75, 127.5, 255.0])  # 255 * (0.25, 0.5, 1)
+    assert meta["source"]["name"] == name
+    assert meta["source"]["url"] == "https://huggingface.co" + path[len("/huggingface.co"):]
+
+
+def test_detector_checkpoint_by_url_is_cached_as_published_and_then_read_from_the_cache(serve, tmp_path):
+    """A detector checkpoint (keys 'backbone.*') is not converted: it goes to
+    detectors/ byte for byte, nothing in downloads/ or converted/, and the next
+    run takes it from the cache without the network."""
+    data = torch_bytes({"model": {"backbone.bottom_up.stem.conv1.weight": torch.randn(4, 3, 3, 3),
+                                  "roi_heads.box_predictor.cls_score.bias": torch.randn(3)}})
+    server = serve({"/zoo/det.pth": data, "/zoo/det2.pth": data})
+    name = f"{server.url}/zoo/det.pth"
+    out = fetch_weights(name, progress=False)
+    assert out == cached_paths(resolve_source(name), str(tmp_path / "cache"))["detector"]
+    assert open(out, "rb").read() == data
+    folder = f"detectors/url/127.0.0.1_{server.url.rsplit(':', 1)[1]}/zoo"
+    assert cache_files(tmp_path) == [f"{folder}/det.pth"]
+    # A second detector of the same server folder joins the first.
+    assert open(fetch_weights(f"{server.url}/zoo/det2.pth", progress=False), "rb").read() == data
+    assert cache_files(tmp_path) == [f"{folder}/det.pth", f"{folder}/det2.pth"]
+    server.stop()
+    assert fetch_weights(name, progress=False) == out
+    assert server.hits == {"/zoo/det.pth": 1, "/zoo/det2.pth": 1}
+
+
+def test_a_local_copy_that_is_not_a_weight_file_is_refused_naming_the_setting_and_the_file(monkeypatch, tmp_path):
+    """The offline route (a file put into downloads/ by hand) with the wrong file, e.g.
+    a saved sign-in page: the error names the MODEL.WEIGHTS setting it is for and the
+    file to delete. Catches a message that loses which setting it is about."""
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESNEXT_DET_MIRROR", f"http://127.0.0.1:{closed_port()}")
+    name = "https://files.example.org/w/x26.pth"
+    dest = cached_paths(resolve_source(name))["download"]
+    os.makedirs(os.path.dirname(dest))
+    open(dest, "wb").write(b"<html>Sign in to continue</html>")
+    with pytest.raises(WeightsSourceError) as e:
+        fetch_weights(name, progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"MODEL.WEIGHTS = {name!r}: ") and dest in msg and "delete it" in msg, msg
+    assert "\n" not in msg
+
+
+class StallingServer:
+    """127.0.0.1: answers every request with ``head`` (bytes: nothing, or a status
+    line, headers and the start of a body) and then stalls, the connection held
+    open, until stop()."""
+
+    def __init__(self, head):
+        self.head, self.conns, self.done = head, [], threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.conns.append(conn)
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall(self.head)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(timeout=5)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("stall", ["before_the_answer", "in_the_body"])
+def test_a_server_that_stops_sending_ends_the_run_after_the_timeout(monkeypatch, tmp_path, stall):
+    """A server (or mirror) that accepts the connection and then sends nothing more
+    ends the run with one line naming the URL once the read timeout has passed
+    (before the answer: with the manual steps; in the body: what broke off), nothing
+    cached. Catches a download without a timeout, which waits forever."""
+    from resnext_det.checkpoint import sources
+
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESNEXT_DET_MIRROR", raising=False)
+    monkeypatch.setattr(sources, "_TIMEOUT_S", 0.3)
+    head = b"" if stall == "before_the_answer" else b"HTTP/1.0 200 OK\r\nContent-Length: 4096\r\n\r\n" + b"x" * 100
+    server = StallingServer(head)
+    url = f"{server.url}/w/x26.pth"
+    result = []
+
+    def run():
+        try:
+            fetch_weights(url, progress=False)
+        except WeightsSourceError as e:
+            result.append(str(e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    ended = not thread.is_alive()
+    server.stop()  # also ends a download that waits without a timeout
+    thread.join(timeout=5)
+    assert ended, "the download waited on a silent server without a timeout"
+    assert len(result) == 1, result
+    msg = result[0]
+    assert "\n" not in msg and url in msg and "timed out" in msg, msg
+    if stall == "before_the_answer":
+        assert f"cannot download {url} (" in msg and "tools/convert_pretrained.py x26.pth" in msg, msg
+    else:  # the exception that broke it off is named
+        assert "broke off" in msg and "(TimeoutError: timed out)" in msg and "nothing was cached" in msg.lower(), msg
+    assert cache_files(tmp_path) == []
+
+
+def test_a_url_with_a_url_in_its_query_is_one_file():
+    """A download link may carry another URL in its query (a signed or redirecting
+    link): it is still the URL of one file, not a malformed name. Catches splitting
+    the name at every '://'."""
+    name = "https://files.example.org/get/x26.pth?from=https://mirror.example.org/x26.pth"
+    src = resolve_source(name)
+    assert (src.url, src.filename, src.sha256) == (name, "x26.pth", "")
+
+
+def test_a_file_torchvision_already_downloaded_into_torch_hubs_cache_is_used_without_network(
+    monkeypatch, tmp_path, x26_bytes
+):
+    """A torchvision file that torchvision itself downloaded (torch.hub's cache,
+    $TORCH_HOME/hub/checkpoints/<file>) is checked and converted with no download and
+    left where it is; a copy there that is not the published file is refused naming
+    it. Catches the torch.hub cache not looked at, or its copy taken unchecked."""
+    monkeypatch.setenv("RESNEXT_DET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESNEXT_DET_MIRROR", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{closed_port()}")  # any download fails at once
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")  # torch.hub's documented place
+    filename = "resnext50_32x4d-7cdf4587.pth"  # torchvision's ResNeXt50_32X4D_Weights.IMAGENET1K_V1
+    hub_copy = tmp_path / "torch" / "hub" / "checkpoints" / filename
+    hub_copy.parent.mkdir(parents=True)
+    hub_copy.write_bytes(x26_bytes)
+    # The file by its URL, with the sha256 of this copy: taken from torch.hub's cache.
+    name = f"https://download.pytorch.org/models/{filename}#sha256={sha256(x26_bytes)}"
+    out = fetch_weights(name, progress=False)
+    assert out == str(tmp_path / "cache" / "converted" / "torchvision" / filename)
+    assert torch.load(out, weights_only=True)["resnext_det"]["source"]["sha256"] == sha256(x26_bytes)
+    assert hub_copy.read_bytes() == x26_bytes and cache_files(tmp_path) == [f"converted/torchvision/{filename}"]
+    # By its name, with torchvision's published hash: this copy is not that file.
+    os.unlink(out)
+    assert not sha256(x26_bytes).startswith("7cdf4587")
+    with pytest.raises(WeightsSourceError) as e:
+        fetch_weights("torchvision://resnext50_32x4d.IMAGENET1K_V1", progress=False)
+    msg = str(e.value)
+    assert str(hub_copy) in msg and "7cdf4587" in msg and "delete it" in msg and "cannot download" not in msg, msg
+    assert cache_files(tmp_path) == []
+
+
+def test_cache_folder_variables_set_empty_count_as_unset_and_paths_are_expanded(tmp_path, monkeypatch):
+    """As the XDG base directory specification says of $XDG_CACHE_HOME ("not set or
+    empty": the default), an empty variable is no folder; RESNEXT_DET_CACHE may be
+    written as a shell would not expand it (~/...) or relative to the working folder,
+    and is the same absolute folder whatever the working folder is later."""
+    from resnext_det.checkpoint.sources import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RESNEXT_DET_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert cache_dir() == str(tmp_path / "home" / ".cache" / "resnext_det")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == str(tmp_path / "xdg" / "resnext_det")
+    monkeypatch.setenv("RESNEXT_DET_CACHE", "~/weights")
+    assert cache_dir() == str(tmp_path / "home" / "weights")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESNEXT_DET_CACHE", "rel/cache")
+    assert cache_dir() == str(tmp_path / "rel" / "cache")
+
+
+def test_a_file_another_process_is_fetching_is_waited_for_and_other_files_are_not(serve, tmp_path, x26_bytes, caplog):
+    """The file lock is per file (as Detectron2's PathManager locks each file): a run
+    that needs the file another process is fetching waits, then takes what that
+    process cached, downloading nothing; a run that needs another file does not wait.
+    Catches one lock for the whole cache and a missing re-check after the wait."""
+    import portalocker
+
+    caplog.set_level(logging.INFO, logger="resnext_det")
+    server = serve({"/w/a.pth": x26_bytes, "/w/b.pth": x26_bytes})
+    a, b = f"{server.url}/w/a.pth", f"{server.url}/w/b.pth"
+    pa = cached_paths(resolve_source(a), str(tmp_path / "cache"))
+    waiting = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            if "another process is downloading or converting it; waiting" in record.getMessage():
+                waiting.set()
+
+    seen = Seen()
+    logging.getLogger("resnext_det").addHandler(seen)
+    os.makedirs(os.path.dirname(pa["lock"]))
+    other = portalocker.Lock(pa["lock"], timeout=0, fail_when_locked=True)
+    other.acquire()  # another process is fetching a.pth
+    results = {}
+
+    def fetch(name):
+        results[name] = fetch_weights(name, progress=False)
+
+    threads = [threading.Thread(target=fetch, args=(n,), daemon=True) for n in (b, a)]
+    try:
+        threads[0].start()
+        threads[0].join(timeout=20)
+        assert b in results and not waiting.is_set(), "another file's fetch waited for a.pth's lock"
+        threads[1].start()
+        assert waiting.wait(timeout=20)
+        # The other process finishes: a.pth converted and cached, then its lock released.
+        os.makedirs(os.path.dirname(pa["converted"]), exist_ok=True)
+        open(pa["converted"], "wb").write(open(results[b], "rb").read())
+        other.release()
+        threads[1].join(timeout=20)
+        assert results.get(a) == pa["converted"]
+        assert server.hits == {"/w/b.pth": 1}
+    finally:
+        with contextlib.suppress(Exception):
+            other.release()
+        logging.getLogger("resnext_det").removeHandler(seen)
+
+
+def test_a_downloaded_file_that_is_not_a_weight_file_is_refused_naming_the_setting_and_the_url(serve, tmp_path):
+    """A server that answers with a page instead of the file: the one line names the
+    MODEL.WEIGHTS setting it is for and the URL, and nothing is cached. Catches a
+    message that loses which setting it is about."""
+    server = serve({"/w/page.pth": b"<html>Sign in to continue</html>"})
+    name = f"{server.url}/w/page.pth"
+    with pytest.raises(WeightsSourceError) as e:
+        fetch_weights(name, progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"MODEL.WEIGHTS = {name!r}: ") and f"downloaded from {name}" in msg, msg
+    assert "not a weight file" in msg and "nothing was cached" in msg and cache_files(tmp_path) == []

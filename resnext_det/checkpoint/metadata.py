@@ -9,6 +9,7 @@ Table 1) and stride placement. A converted checkpoint stores both under the key
 config and names every key to change.
 """
 import math
+import shlex
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -387,6 +388,6 @@ def check_weights_against_config(
             "evaluate with the weights used wrongly):\n  - "
             + "\n  - ".join(problems)
             + "\nSet in the config (or append to the command line):\n  "
-            + " ".join(format_opts(fixes))
+            + " ".join(shlex.quote(o) for o in format_opts(fixes))
         )
     return warnings
