@@ -200,14 +200,17 @@ def _unwrap(obj: Any, path: str, *, use_ema: bool) -> Dict[str, Any]:
         raise CheckpointReadError(
             f"{path!r} holds a {type(obj).__name__}, not a dict of weights: it is not a checkpoint"
         )
-    order = ("state_dict_ema", "model_ema") if use_ema else ()
-    order += ("state_dict", "model", "model_state", "blobs", "module")
+    order = ("state_dict_ema", "model_ema") if use_ema else ("state_dict", "model", "model_state", "blobs", "module")
     for key in order:
         inner = obj.get(key)
         if isinstance(inner, dict) and inner:
             return inner
-    if use_ema:
-        raise CheckpointReadError(f"--use-ema: {path!r} has no 'state_dict_ema' entry")
+    if use_ema:  # never the non-EMA weights in their place
+        entries = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+        raise CheckpointReadError(
+            f"--use-ema: {path!r} has no EMA weights (no 'state_dict_ema' or 'model_ema' entry; "
+            f"its entries: {entries}): leave out --use-ema to convert its weights"
+        )
     return obj
 
 
