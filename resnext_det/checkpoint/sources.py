@@ -424,7 +424,10 @@ def _manual_steps(src: WeightsSource, paths: Dict[str, str]) -> str:
     for flag, v in (("--pixel-mean", src.pixel_mean), ("--pixel-std", src.pixel_std)):
         if v:
             cmd += f" {flag} {' '.join(f'{x:g}' for x in v)}"
-    detector = "" if src.arch else " (a detector checkpoint needs no conversion: set MODEL.WEIGHTS to the file)"
+    # Only a URL, detectron2:// or catalog:// name may be a detector checkpoint; the other
+    # sources publish ImageNet classifiers only.
+    classifier = src.arch or src.name.split("://", 1)[0] in ("torchvision", "timm", "torch7")
+    detector = "" if classifier else " (a detector checkpoint needs no conversion: set MODEL.WEIGHTS to the file)"
     return (
         f"without internet, fetch that file on a machine with it and put it at {paths['download']} "
         f"(converted here on the next run), or convert it yourself: {cmd}, then set MODEL.WEIGHTS "
