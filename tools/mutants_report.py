@@ -82,11 +82,13 @@ def main(argv=None) -> int:
     if args.sample is not None:
         if not 0 < args.sample <= 1:
             parser.error(f"--sample {args.sample}: give a fraction in (0, 1], e.g. 0.1")
-        rng = random.Random(args.seed)
         by_module = collections.defaultdict(list)
         for mutant in sorted(verdicts):
             by_module[module_of(mutant)].append(mutant)
         for module in sorted(by_module):
+            # One generator per module, seeded by its name too: an edit that adds or drops
+            # mutants in one module leaves the other modules' samples as they were.
+            rng = random.Random(f"{args.seed}:{module}")
             pool = by_module[module]
             print("\n".join(sorted(rng.sample(pool, max(1, round(args.sample * len(pool)))))))
         return 0
