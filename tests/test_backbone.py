@@ -544,3 +544,42 @@ def test_channels_last_backbone_runs_nhwc_and_matches_nchw():
     for name in ALL_STAGES:
         assert b[name].is_contiguous(memory_format=torch.channels_last), name
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
+
+
+def test_each_form_computes_as_its_figure_and_keeps_the_dilation():
+    """Fig. 3: (c) runs the grouped 3x3 conv (conv2) once; (b) runs C explicit 1x1-3x3 paths
+    and ONE 1x1 (conv3) on their concatenation; (a) runs no shared conv at all, C 1x1s to
+    `out` summed, then conv3's norm. Forward hooks count which modules run. A dilated block
+    (res5 with RES5_DILATION 2) gives form (c)'s output in every form."""
+    block = randomize_bn(ResNeXtBlock(16, 16, cardinality=4, bottleneck_width=2, dilation=2), 2).eval()
+    calls = {}
+    for name in ("conv1", "conv2", "conv3", "conv3.norm"):
+        block.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    x = torch.randn(1, 16, 11, 11)
+    expected = {"c": {"conv1": 1, "conv2": 1, "conv3": 1, "conv3.norm": 1},
+                "b": {"conv3": 1, "conv3.norm": 1},
+                "a": {"conv3.norm": 1}}
+    out = {}
+    for form in "cba":
+        calls.clear()
+        block.form = form
+        with torch.no_grad():
+            out[form] = block(x)
+        assert calls == expected[form], (form, calls)
+    for form in "ab":
+        torch.testing.assert_close(out[form], out["c"], rtol=1e-5, atol=1e-5)
+
+
+def test_block_and_trunk_errors_say_what_they_take():
+    """A block form outside Fig. 3's three, or an input that is not (N, C, H, W): a
+    ConfigError naming the allowed forms / the expected shape and what was given."""
+    from resnext_det.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        ResNeXtBlock(8, 8, cardinality=2, bottleneck_width=2, form="d")
+    assert all(f"'{f}'" in str(e.value) for f in "abcd"), str(e.value)
+    m = build_backbone(make_cfg(DEPTH=26, CARDINALITY=2, BOTTLENECK_WIDTH=4))
+    with pytest.raises(ConfigError) as e:
+        m(torch.randn(3, 32, 32))
+    assert "(N, C, H, W)" in str(e.value) and "[3, 32, 32]" in str(e.value), str(e.value)

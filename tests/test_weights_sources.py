@@ -331,12 +331,20 @@ def test_wrong_hash_truncated_and_non_weight_downloads_are_refused_and_leave_no_
     assert len(cache_files(tmp_path)) == 2
 
 
-def test_caffe2_file_whose_convention_the_name_does_not_give_is_refused(serve, tmp_path):
+def test_caffe2_file_whose_convention_the_name_does_not_give_is_refused(serve, tmp_path, monkeypatch):
+    """Refused in one line naming the converter and the key to set to its output; the lock
+    taken meanwhile lies in the cache's locks/ folder, not in the working directory."""
     blobs = tv_to_caffe2_blobs(tv_resnext(seed=3).state_dict())
     server = serve({"/w/X-26.pkl": pickle.dumps({"blobs": blobs}, protocol=2)})
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     with pytest.raises(WeightsSourceError, match="--convention fair.*tools/convert_pretrained.py") as e:
         fetch_weights(f"{server.url}/w/X-26.pkl", progress=False)
     assert "\n" not in str(e.value) and cache_files(tmp_path) == []
+    assert "set MODEL.WEIGHTS to its output" in str(e.value)
+    src = resolve_source(f"{server.url}/w/X-26.pkl")
+    assert os.path.isfile(tmp_path / "cache" / "locks" / (src.key + ".lock"))
+    assert os.listdir(tmp_path / "cwd") == []
 
 
 def test_no_network_gives_one_line_naming_the_url_and_the_manual_command(monkeypatch, tmp_path):
