@@ -1039,3 +1039,121 @@ def test_read_weights_file_reads_each_container_and_trusts_only_when_told(tmp_pa
             read_weights_file(str(tmp_path / name))
         got = read_weights_file(str(tmp_path / name), trust_pickle=True)
         assert got.extra == {"date": when} and got.tensors.keys() == sd.keys(), name
+
+
+# --------------------------------------------------------------------------- round 2 (issue #16)
+def test_the_trainers_record_holds_the_configs_values_not_the_models_copies(tmp_path):
+    """attach_weights_record records the config's convention: PIXEL_MEAN exactly as typed
+    (103.53, not the model's float32 103.52999877...), and for a model that does not say its
+    convention (no input_format) still the config's; attached once, the first record stays."""
+    from resnext_det.checkpoint.loading import WeightsRecord, attach_weights_record
+    from resnext_det.checkpoint.metadata import METADATA_KEY
+
+    mean = [103.53, 116.28, 123.675]
+    cfg, model = _record_cfg_model("MODEL.PIXEL_MEAN", mean, "INPUT.FORMAT", "BGR")
+    assert float(torch.tensor(103.53, dtype=torch.float32)) != 103.53  # the model's copy differs
+    path = _save_detector(tmp_path, cfg, model)
+    rec = torch.load(path, weights_only=True)[METADATA_KEY]
+    assert rec["input"]["format"] == "BGR" and list(rec["input"]["pixel_mean"]) == mean
+    ck = ResNeXtCheckpointer(torch.nn.Linear(2, 2), str(tmp_path))
+    attach_weights_record(ck, cfg)
+    first = ck.checkpointables[METADATA_KEY]
+    assert isinstance(first, WeightsRecord) and first.state_dict()["input"]["format"] == "BGR"
+    assert list(first.state_dict()["input"]["pixel_std"]) == list(cfg.MODEL.PIXEL_STD)
+    attach_weights_record(ck, None)
+    assert ck.checkpointables[METADATA_KEY] is first
+
+
+def test_python2_pickles_read_as_latin1_when_trusted_too(tmp_path, monkeypatch):
+    """RESNEXT_DET_TRUST_PICKLE=1 (and trust_pickle=True) read a Detectron (Python 2) .pkl as
+    the safe path does: its byte strings as latin-1 (pickle's default, ASCII, fails on them)."""
+    from resnext_det.checkpoint.readers import read_weights_file, safe_pickle_load
+
+    arr = pickle.dumps(np.arange(3, dtype=np.float32), protocol=2)[2:-1]
+    data = (b"\x80\x02}(U\x04caf\xe9K\x01U\n__author__U\tDetectronU\x05model}U\x07conv1_w" + arr + b"su.")
+    path = tmp_path / "py2.pkl"
+    path.write_bytes(data)
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(data)  # the default encoding cannot read them
+    monkeypatch.setenv("RESNEXT_DET_TRUST_PICKLE", "1")
+    got = safe_pickle_load(str(path))
+    assert got["caf\xe9"] == 1 and got["__author__"] == "Detectron"
+    assert np.array_equal(got["model"]["conv1_w"], np.arange(3, dtype=np.float32))
+    w = read_weights_file(str(path), trust_pickle=True)
+    assert w.tensors.keys() == {"conv1_w"} and w.extra["caf\xe9"] == 1
+
+
+def test_an_unreadable_weights_file_says_what_the_reader_found(tmp_path):
+    """MODEL.WEIGHTS that is not a pickle at all: the one-line error names the file and
+    carries the reader's own error (its type and text, as pickle reports it)."""
+    data = b"not a pickle at all"
+    (tmp_path / "w.pkl").write_bytes(data)
+    try:
+        pickle.loads(data)
+    except Exception as err:  # noqa: BLE001  the reference: what pickle says
+        ref = f"{type(err).__name__}: {err}"
+    with pytest.raises(CheckpointReadError) as e:
+        ResNeXtCheckpointer(torch.nn.Linear(1, 1)).load(str(tmp_path / "w.pkl"))
+    assert ref in str(e.value) and repr(str(tmp_path / "w.pkl")) in str(e.value)
+
+
+def test_a_checkpoint_with_a_non_tensor_entry_names_the_file_and_the_entry(tmp_path):
+    """{"model": {"fc.weight": "oops"}} (a string where a tensor belongs): refused naming
+    MODEL.WEIGHTS' file and the entry, not an empty message."""
+    path = str(tmp_path / "odd.pth")
+    torch.save({"model": {"fc.weight": "oops", "fc.bias": torch.zeros(2)}}, path)
+    with pytest.raises(CheckpointReadError) as e:
+        ResNeXtCheckpointer(torch.nn.Linear(2, 2)).load(path)
+    assert repr(path) in str(e.value) and "fc.weight" in str(e.value)
+
+
+def test_an_unknown_format_shows_only_the_files_first_bytes(tmp_path):
+    """A large file of an unknown format: the message quotes its first 16 bytes, not the
+    whole file (an HTML page or a video dumped into one error line)."""
+    from resnext_det.checkpoint.readers import read_weights_file
+
+    head = b"GARBAGE-HEAD-16b"
+    (tmp_path / "big.bin").write_bytes(head + b"x" * 20000 + b"TAIL")
+    with pytest.raises(CheckpointReadError) as e:
+        read_weights_file(str(tmp_path / "big.bin"))
+    msg = str(e.value)
+    assert repr(head) in msg and "TAIL" not in msg and len(msg) < 1000
+
+
+def test_config_pairs_of_a_custom_depth_give_its_depth_and_blocks():
+    """A trunk with a non-standard block table (1, 2, 1, 1): DEPTH 3 x 5 + 2 = 17 (the
+    paper's count) and STAGE_BLOCKS [1, 2, 1, 1]; a standard one (3, 4, 6, 3): DEPTH 50 and
+    no STAGE_BLOCKS. Merged into a config, the pairs build the same trunk."""
+    from detectron2.config import get_cfg
+
+    from resnext_det import add_resnext_config
+    from resnext_det.checkpoint.metadata import WeightsMetadata, config_pairs, format_opts
+    from resnext_det.modeling.spec import ResNeXtSpec
+
+    for blocks, depth, table in (((1, 2, 1, 1), 17, [1, 2, 1, 1]), ((3, 4, 6, 3), 50, [])):
+        spec = ResNeXtSpec(stage_blocks=blocks, cardinality=2, bottleneck_width=4)
+        pairs = dict(config_pairs(WeightsMetadata("backbone", None, spec)))
+        assert pairs["MODEL.RESNEXT.DEPTH"] == depth and pairs["MODEL.RESNEXT.STAGE_BLOCKS"] == table
+        cfg = get_cfg()
+        add_resnext_config(cfg)
+        cfg.merge_from_list(format_opts(list(pairs.items())))
+        assert ResNeXtSpec.from_config(cfg).same_shapes(spec)
+
+
+def test_the_written_yaml_takes_keys_added_as_in_the_projects_configs():
+    """config_yaml indents by 2 spaces, as Detectron2's and this project's configs do: a
+    block copied from configs/*.yaml into the written file (here ROI_HEADS under MODEL)
+    still reads back."""
+    import yaml
+
+    from resnext_det.checkpoint.metadata import config_yaml
+
+    pairs = [("MODEL.RESNEXT.CARDINALITY", 4), ("MODEL.PIXEL_STD", [1.0, 2.0, 3.0]), ("INPUT.FORMAT", "BGR")]
+    with open(os.path.join(ROOT, "configs", "Base-ResNeXt-C4.yaml")) as f:
+        assert "\n  RESNEXT:\n    " in f.read()  # the project's indentation
+    lines = config_yaml(pairs).splitlines()
+    at = lines.index("MODEL:") + 1
+    edited = "\n".join(lines[:at] + ["  ROI_HEADS:", "    NUM_CLASSES: 3"] + lines[at:])
+    got = yaml.safe_load(edited)
+    assert got["MODEL"]["ROI_HEADS"] == {"NUM_CLASSES": 3} and got["MODEL"]["RESNEXT"] == {"CARDINALITY": 4}
+    assert got["MODEL"]["PIXEL_STD"] == [1.0, 2.0, 3.0] and got["INPUT"] == {"FORMAT": "BGR"}
