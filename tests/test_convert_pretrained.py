@@ -1293,3 +1293,145 @@ def test_to_rgb_on_backbones_flips_only_bgr_weights_and_says_so(tmp_path, tv26, 
     assert r3.flipped_to_rgb is False and r3.metadata.source["flipped_to_rgb"] is False
     logs = [rec.getMessage() for rec in caplog.records if "--to-rgb" in rec.getMessage()]
     assert len(logs) == 1 and names(logs[0], "--to-rgb") and "BGR -> RGB" not in logs[0]
+
+
+def test_torch7_format_is_taken_for_t7_files_only_and_named_when_refused(tv26):
+    """--format torch7 (or auto) reads a Torch7 file as torch7; another --format on a .t7
+    names the flag to pass; --format torch7 on a file that is no .t7 says it wants a .t7."""
+    from resnext_det.checkpoint.convert import _resolve_format
+    from resnext_det.checkpoint.readers import SourceWeights
+
+    t7 = SourceWeights("net.t7", "t7")
+    assert _resolve_format(t7, "torch7") == "torch7" and _resolve_format(t7, "auto") == "torch7"
+    with pytest.raises(ConversionError) as e:
+        _resolve_format(t7, "torchvision")
+    assert "'net.t7'" in str(e.value) and "--format torch7" in str(e.value)
+    _, d, _ = tv26
+    pth = read_weights_file(str(d / "tv26.pth"))
+    with pytest.raises(ConversionError) as e:
+        _resolve_format(pth, "torch7")
+    assert repr(pth.path) in str(e.value) and ".t7" in str(e.value)
+
+
+def test_detectron2_named_file_with_bn_counters_or_without_statistics(tmp_path, tv26):
+    """A file in Detectron2 names holding BN ``num_batches_tracked`` counters (a model saved
+    with trainable BN) converts with every tensor but the counters; one without running
+    statistics (norms folded into an affine) gets running_mean 0 and running_var 1 - eps,
+    so that FrozenBN computes x * weight + bias, and records norm "affine" (what the
+    GN/BN warnings read)."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    _, _, r = tv26
+    with_counters = {}
+    for k, v in r.state_dict.items():  # a counter before every BN's tensors
+        if k.endswith(".norm.weight"):
+            with_counters[k[: -len("weight")] + "num_batches_tracked"] = torch.tensor(7)
+        with_counters[k] = v
+    torch.save({"model": with_counters}, tmp_path / "counters.pth")
+    r2 = convert_weights(str(tmp_path / "counters.pth"), convention="torchvision", progress=False)
+    assert set(r2.state_dict) == set(r.state_dict)
+    assert all(torch.equal(r2.state_dict[k], v) for k, v in r.state_dict.items())
+    assert r2.metadata.weights_norm == "BN"
+
+    affine = {k: v for k, v in r.state_dict.items() if not k.endswith(("running_mean", "running_var"))}
+    torch.save({"model": affine}, tmp_path / "affine.pth")
+    r3 = convert_weights(str(tmp_path / "affine.pth"), convention="torchvision", progress=False)
+    assert set(r3.state_dict) == set(r.state_dict) and r3.metadata.weights_norm == "affine"
+    ckpt = r3.checkpoint()  # what save_converted writes
+    assert set(ckpt) == {"model", "__author__", "matching_heuristics", "resnext_det"}
+    assert "detectron2" in ckpt["__author__"] and ckpt["resnext_det"]["arch"]["norm"] == "affine"
+    p = "res3.0.conv2.norm."
+    w, b = affine[p + "weight"].double(), affine[p + "bias"].double()
+    bn = FrozenBatchNorm2d(len(w)).double()
+    bn.load_state_dict({k: r3.state_dict[p + k].double() for k in ("weight", "bias", "running_mean", "running_var")})
+    x = torch.randn(2, len(w), 3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = x * w[None, :, None, None] + b[None, :, None, None]
+    assert float((bn(x) - want).abs().max() / want.abs().max()) < 3e-7
+
+
+def test_conversion_logs_the_file_it_reads_once(tv26, caplog):
+    """The converter logs the file it reads with its size; given the file already read
+    (``source``, as the tool does after sniffing it) it logs no second read."""
+    _, d, _ = tv26
+    path = str(d / "tv26.pth")
+    with caplog.at_level(logging.INFO, logger="resnext_det"):
+        convert_weights(path, progress=False)
+    assert any(path in m and "MB" in m for m in (rec.getMessage() for rec in caplog.records))
+    src = read_weights_file(path)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="resnext_det"):
+        convert_weights(path, source=src, progress=False)
+    assert not any("MB" in rec.getMessage() for rec in caplog.records)
+
+
+def test_detector_verification_view_is_its_trunk_as_a_detectron2_backbone(tmp_path, tv26):
+    """--verify on a converted detector compares its ResNet trunk: the view holds the
+    trunk's tensors (source and converted) in backbone names, as a backbone record in
+    Detectron2 format, and verifies against Detectron2's own ResNet."""
+    _, _, r = tv26
+    bufs = {"pixel_mean": torch.tensor(D2_BGR_MEAN), "pixel_std": torch.tensor(D2_BGR_STD)}
+    save_detector(tmp_path / "det.pth", r.state_dict, bufs)
+    r2 = convert_weights(str(tmp_path / "det.pth"), stride_in_1x1=False, progress=False)
+    v = r2.verification_view()
+    assert v.metadata.kind == "backbone" and v.format == "detectron2"
+    assert set(v.state_dict) == set(r.state_dict) == set(v.source.tensors)
+    assert v.metadata.input == r2.metadata.input and r2.metadata.kind == "detector"
+    assert max(dd / max(1, m) for dd, m in verify_conversion(v, size=32).values()) < TOL
+
+
+def test_detector_convention_metadata_takes_the_stride_from_the_config_and_names_its_origin(tv26):
+    """A detector file that does not tell its stride placement takes the config's
+    (``assume``: the model being loaded); without a config architecture it records none
+    (not an error). The record names where the file comes from (its provenance)."""
+    from resnext_det.checkpoint.layout import detector_convention
+
+    _, _, r = tv26
+    found = detector_convention(detector_trunk_tensors(r), {})
+    assert found.arch is not None and found.stride_in_1x1 is None
+    for stride in (True, False):
+        assume = WeightsMetadata(kind="detector", input=None, arch=r.metadata.arch.replace(stride_in_1x1=stride))
+        m = found.metadata(assume=assume)
+        assert m.arch.stride_in_1x1 is stride and m.arch.cardinality == r.metadata.arch.cardinality
+        assert m.source == {"origin": found.origin} and found.origin
+    assert found.metadata(assume=WeightsMetadata(kind="detector", input=None, arch=None)).arch is None
+
+
+def detector_trunk_tensors(r):
+    """``r``'s backbone as the trunk of an FPN detector (Detectron2 names)."""
+    return {f"backbone.bottom_up.{k}": v for k, v in r.state_dict.items()}
+
+
+def test_caffe2_convention_message_names_the_zoo_folders_as_written(tmp_path):
+    """Without --convention, a Caffe2 file's message names each convention flag with the
+    folder of the zoo files it fits, spelled as docs/weights.md (and the zoo URLs) spell
+    them (case matters in a URL), and points to docs/weights.md."""
+    from resnext_det.checkpoint.convert import _resolve_convention
+    from resnext_det.checkpoint.readers import SourceWeights
+
+    with pytest.raises(ConversionError) as e:
+        _resolve_convention("caffe2", SourceWeights("R-26.pkl", "pickle"), None)
+    msg = str(e.value)
+    # docs/weights.md's table: detectron2://ImageNetPretrained/FAIR/X-101-32x8d.pkl,
+    # Detectron's ImageNetPretrained/20171220/X-101-32x8d.pkl, .../ImageNetPretrained/MSRA/R-50.pkl
+    # (docs/ is not copied into mutmut's tree: the spellings are written here).
+    for flag, folder in (("fair", "ImageNetPretrained/FAIR/"), ("detectron1", "ImageNetPretrained/20171220/"),
+                         ("msra", "ImageNetPretrained/MSRA/R-")):
+        assert folder in msg and names(msg, flag)
+    assert "docs/weights.md" in msg and names(msg, "--convention") and "BGR" in msg
+
+
+def test_verify_refuses_a_source_the_reference_model_does_not_take(tv26):
+    """--verify loads the source into torchvision's model: a source tensor missing (or one
+    the model has no place for) is an error naming it, not a comparison against random
+    weights."""
+    import dataclasses
+
+    _, _, r = tv26
+    tensors = dict(r.source.tensors)
+    missing = {k: v for k, v in tensors.items() if k != "layer2.0.conv1.weight"}
+    extra = {**tensors, "layer2.0.conv9.weight": torch.zeros(1)}
+    for src, key in ((missing, "layer2.0.conv1.weight"), (extra, "layer2.0.conv9.weight")):
+        bad = dataclasses.replace(r, source=dataclasses.replace(r.source, tensors=src))
+        with pytest.raises(ConversionError) as e:
+            verify_conversion(bad, size=32)
+        assert key in str(e.value)

@@ -880,3 +880,17 @@ def test_torchvision_file_without_classifier_is_verified(tmp_path):
     r = convert_weights(str(tmp_path / "nofc.pth"), progress=False)
     assert r.format == "torchvision" and r.dropped == []
     assert max_relative_error(verify_conversion(r, size=32, batch=1)) < TOL
+
+
+def test_t7_conv_with_no_output_planes_or_kernel_fields_not_fitting_is_refused_clearly(tmp_path):
+    """nOutputPlane 0 (no division by zero), and kH, kW whose product does not divide the
+    weight though kH / kW would (kH=27, kW=3 on a 3x3 conv), are each a ConversionError
+    naming the Torch7 module, not an arithmetic or reshape error."""
+    tv = tv_resnext(layers=(1, 1, 1, 1), groups=2, width=4)
+    for name, edit in (("nOutputPlane_0", lambda f: f.update(nOutputPlane=0)),
+                       ("kH_27_kW_3", lambda f: f.update(kH=27, kW=3))):
+        t = resnext_t7_from_torchvision(tv, quirks=False)
+        del _mods(t)[8:]
+        edit(_mods(_mods(_mods(_mods(_mods(t)[5])[0])[0])[0])[3].fields)  # res3.0's grouped 3x3 conv
+        msg = _refused(tmp_path, name, t)
+        assert "res3.0.conv2" in msg and "SpatialConvolution" in msg and "nOutputPlane" in msg, (name, msg)
