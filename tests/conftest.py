@@ -35,6 +35,26 @@ def pytest_configure(config):
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 
 
+def _tqdm_without_a_process_shared_lock():
+    """Under mutmut (its fork server runs each mutant in a forked child, and kills the
+    slow ones): tqdm's default write lock holds a multiprocessing semaphore, shared by
+    every forked child. A child killed while holding it leaves it taken for good, and from
+    then on every child that opens a progress bar (all the conversion tests) waits on it at
+    0 CPU until mutmut's timeout: minutes per mutant. Here each process gets its own
+    thread lock, made again in every forked child, and no monitor thread."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0
+    tqdm.set_lock(threading.RLock())
+    os.register_at_fork(after_in_child=lambda: tqdm.set_lock(threading.RLock()))
+
+
+if "MUTANT_UNDER_TEST" in os.environ:  # mutmut's runs (stats, fork server, workers) and try_mutant.sh
+    _tqdm_without_a_process_shared_lock()
+
+
 #: Fixtures that run the Appendix B schedule end to end (minutes): a test using one is slow.
 SLOW_FIXTURES = {"one_process"}
 
