@@ -516,13 +516,16 @@ def test_variants_outside_the_paper_are_refused(tmp_path):
     deep = TimmResNet(block=TimmBottleneck, layers=[1, 1, 1, 1], cardinality=2, base_width=4,
                       stem_type="deep", avg_down=True)
     torch.save(deep.state_dict(), tmp_path / "resnext-d.pth")
-    with pytest.raises(ConversionError, match="deep 3x3 stem.*average-pool shortcut"):
+    with pytest.raises(ConversionError, match="deep 3x3 stem.*average-pool shortcut") as e:
         convert_weights(str(tmp_path / "resnext-d.pth"), progress=False)
-    sd = tv_resnext().state_dict()
-    sd["layer1.0.se.fc1.weight"] = torch.zeros(4, 256, 1, 1)
-    torch.save(sd, tmp_path / "se.pth")
-    with pytest.raises(ConversionError, match="squeeze-excitation"):
-        convert_weights(str(tmp_path / "se.pth"), progress=False)
+    assert "squeeze-excitation" not in str(e.value)  # each hint only for its own tensors
+    for extra in ("layer1.0.se.fc1.weight", "layer1.0.attn.fc1.weight"):  # timm's SE / attention blocks
+        sd = tv_resnext().state_dict()
+        sd[extra] = torch.zeros(4, 256, 1, 1)
+        torch.save(sd, tmp_path / "se.pth")
+        with pytest.raises(ConversionError, match="squeeze-excitation") as e:
+            convert_weights(str(tmp_path / "se.pth"), progress=False)
+        assert "deep 3x3 stem" not in str(e.value) and extra in str(e.value), extra
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(ConversionError, match="does not hold a ResNeXt/ResNet"):
         convert_weights(str(tmp_path / "other.pth"), progress=False)
@@ -1212,6 +1215,8 @@ def test_infer_arch_refuses_hand_built_tensors_that_make_no_resnext_naming_why()
     assert "res2.0 conv2" in str(e.value) and "126" in str(e.value) and "4" in str(e.value)
     with pytest.raises(ConversionError, match=r"stem conv weight has shape \(64, 3, 3, 3\)"):
         infer_arch(hand_sd(stem=(64, 3, 3, 3)))
+    with pytest.raises(ConversionError, match=r"res2\.0 conv2 weight has shape \(128, 4, 1, 1\), expected a 3x3"):
+        infer_arch(hand_sd(conv2=(128, 4, 1, 1)))  # a 1x1 where the grouped 3x3 should be
     sd = hand_sd()
     del sd["res2.0.conv3.weight"]
     with pytest.raises(ConversionError, match=r"res2\.0\.conv3\.weight"):

@@ -220,6 +220,11 @@ def test_known_conventions_of_named_sources():
     ("torch7://resnext_152_64x4d", "the Torch7 release has"),
     ("catalog://ImageNetPretrained/FAIR/X-999", "ModelCatalog names"),
     ("https://example.com/a.pth#md5=00", "#sha256="),
+    ("detectron2://", "nothing after detectron2://"),
+    # The name becomes a path under the cache folder: a '..' part would leave it.
+    ("detectron2://ImageNetPretrained/../../../../tmp/x.pkl", "'..' part is not allowed"),
+    ("catalog://ImageNetPretrained/..", "'..' part is not allowed"),
+    ("weights/x26.pth", "use torchvision://, timm://"),  # a path is no name (the error says which are)
 ])
 def test_unknown_names_are_refused_in_one_line(name, match):
     with pytest.raises(WeightsSourceError, match=match) as e:

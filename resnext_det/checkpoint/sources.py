@@ -338,8 +338,10 @@ def resolve_source(name: str) -> WeightsSource:
     scheme, rest = name.split("://", 1)
     if scheme in ("http", "https"):
         return _url(name)
-    if not rest or ".." in rest.split("/"):
+    if not rest:
         raise WeightsSourceError(f"{name!r}: nothing after {scheme}://")
+    if ".." in rest.split("/"):  # the name becomes a path in the cache: it must stay inside
+        raise WeightsSourceError(f"{name!r}: a '..' part is not allowed in a weights name")
     return _RESOLVERS[scheme](name, rest)
 
 
