@@ -296,13 +296,18 @@ def test_timm_safetensors_and_wrapped_checkpoint(tmp_path):
     assert torch.equal(r_ema.state_dict["stem.conv1.weight"], sd["conv1.weight"] + 1)
 
 
-def tv_to_caffe2_blobs(sd, eps=1e-5) -> dict:
+def tv_to_caffe2_blobs(sd, eps=1e-5, *, stats=False) -> dict:
     """Detectron's Caffe2 ImageNet layout (AffineChannel BN: _bn_s, _bn_b), written
     from Detectron's naming: conv1_w, res_conv1_bn_*, resS_B_branch2{a,b,c}_*,
-    resS_B_branch1_*, fc1000_*."""
+    resS_B_branch1_*, fc1000_*. ``stats``: BN with its statistics instead (_bn_s, _bn_b,
+    _bn_rm, _bn_riv: weight, bias, running mean and variance, as Detectron2 names them)."""
     blobs = {}
 
     def bn(name, p):
+        if stats:
+            for suffix, k in (("s", "weight"), ("b", "bias"), ("rm", "running_mean"), ("riv", "running_var")):
+                blobs[f"{name}_bn_{suffix}"] = sd[f"{p}.{k}"].numpy()
+            return
         s = sd[p + ".weight"] / torch.sqrt(sd[p + ".running_var"] + eps)
         blobs[name + "_bn_s"] = s.numpy()
         blobs[name + "_bn_b"] = (sd[p + ".bias"] - sd[p + ".running_mean"] * s).numpy()

@@ -34,6 +34,7 @@ from test_convert_pretrained import (
     run_tool,
     tv_resnext,
     tv_stages,
+    tv_to_caffe2_blobs,
 )
 
 
@@ -628,35 +629,12 @@ def test_torchvision_and_timm_references_take_any_classifier(tmp_path, monkeypat
 # --------------------------------------------------------------------------
 # --verify must fail a wrong conversion, whatever the source format
 # --------------------------------------------------------------------------
-def _caffe2_blobs_with_stats(sd) -> dict:
-    """Detectron's Caffe2 names with BN statistics (_bn_s, _bn_b, _bn_rm, _bn_riv), by hand."""
-    blobs = {"conv1_w": sd["conv1.weight"].numpy()}
-
-    def bn(name, p):
-        for suffix, k in (("s", "weight"), ("b", "bias"), ("rm", "running_mean"), ("riv", "running_var")):
-            blobs[f"{name}_bn_{suffix}"] = sd[f"{p}.{k}"].numpy()
-
-    bn("res_conv1", "bn1")
-    for k in sd:
-        if k.startswith("layer") and k.endswith("conv1.weight"):
-            i, j = int(k[5]), int(k.split(".")[1])
-            c2, p = f"res{i + 1}_{j}", f"layer{i}.{j}"
-            for br, n in (("branch2a", 1), ("branch2b", 2), ("branch2c", 3)):
-                blobs[f"{c2}_{br}_w"] = sd[f"{p}.conv{n}.weight"].numpy()
-                bn(f"{c2}_{br}", f"{p}.bn{n}")
-            if f"{p}.downsample.0.weight" in sd:
-                blobs[f"{c2}_branch1_w"] = sd[f"{p}.downsample.0.weight"].numpy()
-                bn(f"{c2}_branch1", f"{p}.downsample.1")
-    return blobs
-
-
 def _source_file(fmt, tmp_path):
     """A (1, 3, 1, 1)-block ResNeXt (C=2, d=4) written in ``fmt``; returns (path, convert kwargs)."""
     import pickle
 
     from safetensors.torch import save_file
 
-    from test_convert_pretrained import tv_to_caffe2_blobs
 
     tv = tv_resnext(layers=(1, 3, 1, 1), groups=2, width=4, seed=12)
     sd = tv.state_dict()
@@ -667,7 +645,7 @@ def _source_file(fmt, tmp_path):
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "tm.safetensors"))
         return tmp_path / "tm.safetensors", {}
     if fmt in ("caffe2-stats", "caffe2-affine"):
-        blobs = _caffe2_blobs_with_stats(sd) if fmt == "caffe2-stats" else tv_to_caffe2_blobs(sd)
+        blobs = tv_to_caffe2_blobs(sd, stats=fmt == "caffe2-stats")
         with open(tmp_path / "c2.pkl", "wb") as f:
             pickle.dump({"blobs": blobs}, f, protocol=2)
         return tmp_path / "c2.pkl", dict(convention="fair", to_rgb=fmt == "caffe2-affine")
@@ -810,7 +788,7 @@ def test_caffe2_file_with_bn_statistics_keeps_them_and_is_not_affine(tmp_path):
     import pickle
 
     tv = tv_resnext(layers=(1, 1, 1, 1), groups=2, width=4, seed=7)
-    blobs = _caffe2_blobs_with_stats(tv.state_dict())
+    blobs = tv_to_caffe2_blobs(tv.state_dict(), stats=True)
     with open(tmp_path / "stats.pkl", "wb") as f:
         pickle.dump({"blobs": blobs}, f, protocol=2)
     r = convert_weights(str(tmp_path / "stats.pkl"), convention="fair", progress=False)
