@@ -373,6 +373,9 @@ def _shape_fixes(keys: List[str], provided, model_sd) -> List[str]:
         t = sd.get(key)
         return t.shape[dim] if t is not None and t.dim() > dim else 0
 
+    def kp_dim(key):  # the keypoint predictor, a ConvTranspose2d: weight (in, K, k, k), bias (K,)
+        return 1 if provided[key].dim() > 1 else 0
+
     for k in keys:
         out = size(provided, k)
         classes_differ = out != size(model_sd, k)  # dimension 0: classes (x boxes, x anchors)
@@ -386,13 +389,11 @@ def _shape_fixes(keys: List[str], provided, model_sd) -> List[str]:
             fix = ("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK True" if out == 1
                    else f"MODEL.ROI_HEADS.NUM_CLASSES {out} {trained}")
             fixes[fix] = None
-        elif re.search(r"keypoint_head\.score_lowres\.", k):  # ConvTranspose2d: (in, K, k, k)
-            dim = 1 if provided[k].dim() > 1 else 0  # the bias: (K,)
-            n = size(provided, k, dim)
-            if n != size(model_sd, k, dim):
-                fixes[f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS {n} (the file's keypoint head has {n})"] = None
-            else:
-                fixes["MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS (the file's keypoint head differs)"] = None
+        elif re.search(r"keypoint_head\.score_lowres\.", k) and (
+            size(provided, k, kp_dim(k)) != size(model_sd, k, kp_dim(k))
+        ):  # else its input width differs: the keypoint head's keys below
+            n = size(provided, k, kp_dim(k))
+            fixes[f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS {n} (the file's keypoint head has {n})"] = None
         elif re.search(r"(^|\.)head\.(cls_score|bbox_pred)\.", k):  # RetinaNet: anchors x classes, anchors x 4
             cls, box = (k.replace("bbox_pred", "cls_score"), k.replace("cls_score", "bbox_pred"))
             anchors, anchors_model = size(provided, box) // 4, size(model_sd, box) // 4
