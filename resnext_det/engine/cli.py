@@ -18,23 +18,27 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 
 from ..data.custom import add_register_coco_argument, check_num_classes, register_coco_datasets
 from ..errors import ConfigError, UserError
 from ..inference import build_inference_model
 from ..unshared import STAGES, run_schedule
+from .launch import add_cluster_arguments, check_shared_output_dir, launch_main
 from .setup import setup_cfg
 from .trainer import Trainer
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["argument_parser", "main", "cli", "launch_main", "run_tool"]
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    """Detectron2's ``default_argument_parser`` plus ``--stage`` (Appendix B) and
-    ``--register-coco NAME JSON IMAGE_DIR`` (your own COCO-format data)."""
-    parser = default_argument_parser()
+    """Detectron2's ``default_argument_parser`` plus ``--stage`` (Appendix B),
+    ``--register-coco NAME JSON IMAGE_DIR`` (your own COCO-format data), and the
+    cluster's ``--dist-timeout`` and ``--max-requeues``."""
+    parser = add_cluster_arguments(default_argument_parser())
     parser.add_argument(
         "--stage", choices=STAGES, help="run one stage of the Appendix B schedule (UNSHARED.*)"
     )
@@ -52,6 +56,9 @@ def main(args: argparse.Namespace):
     here, since spawned workers start with empty catalogs."""
     register_coco_datasets(getattr(args, "register_coco", None))
     cfg = setup_cfg(args.config_file, args.opts, args=args)
+    if getattr(args, "placement", None):
+        logger.info(args.placement)
+    check_shared_output_dir(cfg.OUTPUT_DIR)  # before any resume: one folder for every process
     check_num_classes(cfg, _datasets_used(cfg, args))  # before any model or data loader is built
 
     if args.eval_only:
@@ -95,19 +102,6 @@ def cli(argv: Optional[Sequence[str]] = None):
     register_coco_datasets(args.register_coco)  # missing files: one line, before any process starts
     _check_processes(args)
     return launch_main(main, args)
-
-
-def launch_main(fn: Callable[[argparse.Namespace], object], args: argparse.Namespace):
-    """Detectron2's :func:`launch` of ``fn(args)`` on ``--num-gpus`` processes per machine
-    (the parsed arguments of ``default_argument_parser``)."""
-    return launch(
-        fn,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
 
 
 def run_tool(fn: Callable[[], object], prog: str) -> int:

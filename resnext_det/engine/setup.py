@@ -19,8 +19,9 @@ from ..config import add_resnext_config
 from ..errors import ConfigError, MissingFileError
 
 __all__ = [
-    "available_cores", "check_lazy_device", "fit_dataloader_workers", "setup_cfg", "setup_logging",
-    "share_cpu_cores", "warn_ignored_keys", "PACKAGE_LOGGER",
+    "available_cores", "check_lazy_device", "fit_dataloader_workers", "processes_on_host",
+    "set_processes_on_host", "setup_cfg", "setup_logging", "share_cpu_cores", "warn_ignored_keys",
+    "PACKAGE_LOGGER",
 ]  # fmt: skip
 
 PACKAGE_LOGGER = "resnext_det"
@@ -142,32 +143,51 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+_PROCESSES_ON_HOST: Optional[int] = None
+
+
+def set_processes_on_host(n: int) -> None:
+    """Record how many processes of the job share this host (the launcher counts them
+    by host name once the group exists: two 'machines' of one host, or torchrun's and
+    SLURM's tasks, count too)."""
+    global _PROCESSES_ON_HOST
+    _PROCESSES_ON_HOST = max(1, int(n))
+
+
+def processes_on_host() -> int:
+    """The job's processes on this host: as recorded by the launcher, else Detectron2's
+    local process group's size."""
+    return _PROCESSES_ON_HOST or comm.get_local_size()
+
+
 def fit_dataloader_workers(cfg: CfgNode) -> Optional[str]:
-    """Lower ``DATALOADER.NUM_WORKERS`` to the cores available to each local process
-    when the config asks for more (Detectron2's default 4 on a 2-core machine makes
+    """Lower ``DATALOADER.NUM_WORKERS`` to the cores available to each process of this
+    host when the config asks for more (Detectron2's default 4 on a 2-core machine makes
     PyTorch warn, and the workers only compete for the cores). Returns the line to log,
     or None when nothing changed."""
-    per_process = max(1, available_cores() // comm.get_local_size())
+    here = processes_on_host()
+    per_process = max(1, available_cores() // here)
     asked = cfg.DATALOADER.NUM_WORKERS
     if asked <= per_process:
         return None
     cfg.DATALOADER.NUM_WORKERS = per_process
     return (
         f"DATALOADER.NUM_WORKERS {asked} -> {per_process}: {available_cores()} CPU core(s) for "
-        f"{comm.get_local_size()} process(es) on this machine"
+        f"{here} process(es) on this machine"
     )
 
 
 def share_cpu_cores(cfg: CfgNode) -> None:
-    """Several CPU processes on one machine: one share of the cores each (PyTorch would
-    give every process all of them, and oversubscribed threads crawl). OMP_NUM_THREADS,
-    when set, wins."""
-    local = comm.get_local_size()
-    if torch.device(cfg.MODEL.DEVICE).type != "cpu" or local <= 1 or "OMP_NUM_THREADS" in os.environ:
+    """Several CPU processes on one host: one share of its cores each (PyTorch would
+    give every process all of them, and oversubscribed threads crawl), counting every
+    process of the job on the host, however it was started. OMP_NUM_THREADS, when set,
+    wins."""
+    here = processes_on_host()
+    if torch.device(cfg.MODEL.DEVICE).type != "cpu" or here <= 1 or "OMP_NUM_THREADS" in os.environ:
         return
-    threads = max(1, (os.cpu_count() or 1) // local)
+    threads = max(1, available_cores() // here)
     torch.set_num_threads(threads)
-    logger.info(f"{local} CPU processes on this machine: {threads} thread(s) each")
+    logger.info(f"{here} CPU processes on this machine: {threads} thread(s) each")
 
 
 def setup_cfg(

@@ -13,7 +13,7 @@ import detectron2.engine.defaults as _d2_defaults
 import detectron2.utils.comm as comm
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from ..checkpoint import ResNeXtCheckpointer, attach_weights_record
@@ -21,8 +21,9 @@ from ..data.robust import SkipUnreadableImages, training_dataset_dicts
 from ..errors import ConfigError
 from ..fast import AutocastTrainer, amp_dtype, apply_fast_path, prepare_for_inference
 from ..utils.io import remove_stale_temporaries
+from . import preemption
 
-__all__ = ["Trainer", "SolverRecord"]
+__all__ = ["Trainer", "SolverRecord", "StopAndSave"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Trainer(DefaultTrainer):
         old = self.checkpointer
         self.checkpointer = ResNeXtCheckpointer(old.model, old.save_dir, cfg=self.cfg, **old.checkpointables)
         self.checkpointer.add_checkpointable("solver", self._solver_record)
-        return super().build_hooks()
+        return super().build_hooks() + [StopAndSave(self.checkpointer)]
 
     def train(self):
         """Train; a run resumed at ``MAX_ITER`` (killed while the final checkpoint was
@@ -117,6 +118,33 @@ class Trainer(DefaultTrainer):
         return DatasetEvaluators(
             [COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)]
         )
+
+
+class StopAndSave(HookBase):
+    """Stop and save at the end of the iteration during which a stop signal arrived
+    (the time limit, preemption: :mod:`resnext_det.engine.preemption`).
+
+    After every iteration all processes agree on whether any of them received one (one
+    collective); if so the main process writes the checkpoint of *this* iteration
+    (whole or not at all, as every checkpoint), all processes wait for it, and
+    :class:`~resnext_det.engine.preemption.Preempted` ends the training. ``--resume``
+    continues at the next iteration: at most the iteration in flight is lost. Last among
+    the hooks, so the periodic checkpoint, evaluation and metrics of the iteration are done.
+    """
+
+    def __init__(self, checkpointer):
+        self._checkpointer = checkpointer
+
+    def after_step(self):
+        signum = preemption.agree()
+        if signum is None:
+            return
+        it = self.trainer.iter
+        name = f"model_{it:07d}"
+        self._checkpointer.save(name, iteration=it)  # writes on the main process only
+        comm.synchronize()
+        path = os.path.join(self._checkpointer.save_dir, name + ".pth")
+        raise preemption.Preempted(signum, saved=f"{path} (iteration {it + 1} of {self.trainer.max_iter})")
 
 
 #: Solver keys a resumed run does not take from the config: Detectron2 restores the

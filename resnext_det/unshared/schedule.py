@@ -39,6 +39,7 @@ from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 
 from ..checkpoint import METADATA_KEY
+from ..engine import preemption
 from ..engine.trainer import Trainer
 from ..inference import build_inference_model, load_model
 from ..modeling.spec import ResNeXtSpec
@@ -105,6 +106,7 @@ _VOLATILE = (
     "SEED",
     "DATASETS.PROPOSAL_FILES_TRAIN",
     "DATASETS.PROPOSAL_FILES_TEST",
+    "UNSHARED.PROPOSALS.CHUNK_IMAGES",  # how stage 2 saves its work, not what it computes
 )
 def _check_schedule_config(cfg: CfgNode, cli_opts: Sequence[str]) -> None:
     if cfg.MODEL.META_ARCHITECTURE != "UnsharedRCNN":
@@ -336,6 +338,7 @@ def _stage_proposals(cfg, cfgs, force: bool) -> Dict[str, Any]:
             post_nms_topk=post,
             meta=source,
             recall=role == "test",
+            chunk_images=u.CHUNK_IMAGES,
         )
         out[key] = stats or {"file": path}
     return out
@@ -573,4 +576,7 @@ def run_schedule(
             logger.info(f"Stage {k + 1} ({name}) finished in {seconds:.0f} s")
         comm.synchronize()
         results[name] = res
+        signum = preemption.agree()  # a stop signal during the stage: stop before the next one
+        if signum is not None and name != STAGES[-1]:
+            raise preemption.Preempted(signum, saved=f"stage {k + 1} ({name}) finished, in {stage_dir(cfg, name)}")
     return results.get("eval", results)
