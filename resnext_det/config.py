@@ -141,4 +141,6 @@ def _add_unshared_config(cfg: CN) -> None:
     _C.UNSHARED.PROPOSALS.TRAIN_PRE_NMS_TOPK = 12000
     # Proposals kept after NMS on training images (py-faster-rcnn: 2000).
     _C.UNSHARED.PROPOSALS.TRAIN_POST_NMS_TOPK = 2000
+    # Images per chunk file each process writes as it goes: the most work a kill loses.
+    _C.UNSHARED.PROPOSALS.CHUNK_IMAGES = 1000
 

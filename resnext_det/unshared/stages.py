@@ -81,6 +81,11 @@ def stage_configs(cfg: CfgNode) -> Dict[str, CfgNode]:
         )
     for node in ("RPN", "FAST_RCNN"):
         _check_solver_node(cfg, node)
+    chunk = cfg.UNSHARED.PROPOSALS.CHUNK_IMAGES
+    if chunk < 1:
+        raise ConfigError(
+            f"UNSHARED.PROPOSALS.CHUNK_IMAGES (images per chunk file of stage 2) must be >= 1, got {chunk}."
+        )
     u = cfg.UNSHARED
 
     base = cfg.clone()
