@@ -35,8 +35,10 @@ from detectron2.utils import comm
 
 from resnext_det.checkpoint import ResNeXtCheckpointer, attach_weights_record
 from resnext_det.data import add_register_coco_argument, register_coco_datasets
-from resnext_det.engine.cli import launch_main, run_tool
-from resnext_det.engine.setup import check_lazy_device
+from resnext_det.engine.cli import run_tool
+from resnext_det.engine.launch import add_cluster_arguments, check_shared_output_dir, launch_main, log_placement
+from resnext_det.engine.setup import check_lazy_device, setup_logging
+from resnext_det.engine.trainer import StopAndSave
 from resnext_det.errors import ConfigError
 
 logger = logging.getLogger("resnext_det")
@@ -80,6 +82,7 @@ def do_train(args, cfg):
             )
             if comm.is_main_process()
             else None,
+            StopAndSave(checkpointer),  # a stop signal (time limit, preemption): save this iteration
         ]
     )
 
@@ -96,6 +99,9 @@ def main(args):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     check_lazy_device(cfg)
     default_setup(cfg, args)
+    setup_logging(cfg.train.output_dir)
+    log_placement()  # torchrun, SLURM or Detectron2's launch; world size; the layout
+    check_shared_output_dir(cfg.train.output_dir)  # before any resume: one folder for every process
 
     if args.eval_only:
         if not cfg.train.init_checkpoint:
@@ -112,8 +118,9 @@ def main(args):
 
 
 def get_parser():
-    """Detectron2's ``default_argument_parser`` plus ``--register-coco NAME JSON IMAGE_DIR``."""
-    return add_register_coco_argument(default_argument_parser())
+    """Detectron2's ``default_argument_parser`` plus ``--register-coco NAME JSON IMAGE_DIR``
+    and the cluster's ``--dist-timeout`` and ``--max-requeues``."""
+    return add_cluster_arguments(add_register_coco_argument(default_argument_parser()))
 
 
 def cli(argv=None):

@@ -25,11 +25,10 @@ from ..data.custom import add_register_coco_argument, check_num_classes, registe
 from ..errors import ConfigError, UserError
 from ..inference import build_inference_model
 from ..unshared import STAGES, run_schedule
-from .launch import add_cluster_arguments, check_shared_output_dir, launch_main
+from .launch import add_cluster_arguments, check_shared_output_dir, launch_main, log_placement
 from .setup import setup_cfg
 from .trainer import Trainer
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["argument_parser", "main", "cli", "launch_main", "run_tool"]
 
@@ -56,8 +55,7 @@ def main(args: argparse.Namespace):
     here, since spawned workers start with empty catalogs."""
     register_coco_datasets(getattr(args, "register_coco", None))
     cfg = setup_cfg(args.config_file, args.opts, args=args)
-    if getattr(args, "placement", None):
-        logger.info(args.placement)
+    log_placement()  # torchrun, SLURM or Detectron2's launch; world size; the layout
     check_shared_output_dir(cfg.OUTPUT_DIR)  # before any resume: one folder for every process
     check_num_classes(cfg, _datasets_used(cfg, args))  # before any model or data loader is built
 

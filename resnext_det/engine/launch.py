@@ -53,6 +53,7 @@ __all__ = [
     "check_shared_output_dir",
     "describe_placement",
     "launch_main",
+    "log_placement",
     "resolve_placement",
     "slurm_port",
 ]
@@ -194,7 +195,7 @@ def _hostnames(nodelist: str) -> List[str]:
             return out
     except (OSError, subprocess.SubprocessError):
         pass
-    m = re.match(r"([^\[,]+)(?:\[(\d+)", nodelist)  # without scontrol: the first node only
+    m = re.match(r"([^\[,]+)(?:\[(\d+))?", nodelist)  # without scontrol: the first node only
     if not m:
         raise ConfigError(f"cannot read the SLURM node list {nodelist!r}: set MASTER_ADDR")
     return [m.group(1) + (m.group(2) or "")]
@@ -326,9 +327,10 @@ def describe_placement(p: Placement) -> str:
 _PLACEMENT: Optional[Placement] = None
 
 
-def current_placement() -> Optional[Placement]:
-    """The placement :func:`launch_main` resolved in this process (None outside it)."""
-    return _PLACEMENT
+def log_placement() -> None:
+    """Log, once per run (on the main process), how :func:`launch_main` placed the processes."""
+    if _PLACEMENT is not None:
+        logging.getLogger("resnext_det").info(describe_placement(_PLACEMENT))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,11 +418,15 @@ def _peer_failure(error: BaseException, timeout_min: float) -> Optional[str]:
     )
 
 
-def _worker(fn: Callable, args: argparse.Namespace, timeout_min: float, status, spawned: bool = False) -> None:
+def _worker(
+    fn: Callable, args: argparse.Namespace, timeout_min: float, status, placement: Placement, spawned: bool = False
+) -> None:
     """Runs in every process once its group exists: the host's process count for the CPU
     share, the stop-signal flag, then ``fn(args)``. A user error in a process that
     Detectron2's ``launch`` spawned is one line (from the first process of each machine)
     and exit status 2, which the launcher passes on."""
+    global _PLACEMENT
+    _PLACEMENT = placement  # a spawned process starts with the module anew
     preemption.install()
     if comm.get_world_size() > 1:
         set_processes_on_host(_host_process_counts())
@@ -458,7 +464,7 @@ def _synchronize_quietly() -> None:
 def _in_place(fn: Callable, args: argparse.Namespace, p: Placement, timeout: datetime.timedelta, status) -> None:
     """torchrun's and SLURM's processes: join the group here (no spawn)."""
     if p.world_size == 1:
-        _worker(fn, args, timeout.total_seconds() / 60, status)
+        _worker(fn, args, timeout.total_seconds() / 60, status, p)
         return
     has_gpu = torch.cuda.is_available()
     if has_gpu:
@@ -469,7 +475,7 @@ def _in_place(fn: Callable, args: argparse.Namespace, p: Placement, timeout: dat
     )  # fmt: skip
     comm.create_local_process_group(p.processes_per_machine)
     comm.synchronize()
-    _worker(fn, args, timeout.total_seconds() / 60, status)
+    _worker(fn, args, timeout.total_seconds() / 60, status, p)
 
 
 def _forward_to_children(signum, frame) -> None:
@@ -527,13 +533,12 @@ def launch_main(fn: Callable[[argparse.Namespace], object], args: argparse.Names
     timeout = datetime.timedelta(minutes=timeout_min)
     if p.restart and not getattr(args, "resume", False):
         args.resume = True  # a requeued or restarted job continues, it does not start over
-    args.placement = describe_placement(p)
     preemption.install()
     status = argparse.Namespace(value=0)  # the stop signal, set when a stop ended the run
     if not p.spawns:
         _in_place(fn, args, p, timeout, status)
     elif p.world_size <= 1:
-        _worker(fn, args, timeout_min, status)
+        _worker(fn, args, timeout_min, status, p)
     else:
         status = multiprocessing.get_context("spawn").Value("i", 0)
         for s in preemption.TIME_LIMIT_SIGNALS + preemption.STOP_SIGNALS:
@@ -541,7 +546,7 @@ def launch_main(fn: Callable[[argparse.Namespace], object], args: argparse.Names
         try:
             d2_launch(
                 _worker, p.processes_per_machine, num_machines=p.num_machines, machine_rank=p.machine_rank,
-                dist_url=p.dist_url, args=(fn, args, timeout_min, status, True), timeout=timeout,
+                dist_url=p.dist_url, args=(fn, args, timeout_min, status, p, True), timeout=timeout,
             )  # fmt: skip
         except torch.multiprocessing.ProcessExitedException as e:
             if e.exit_code == USER_ERROR_EXIT:
