@@ -101,3 +101,17 @@ def _mutmut_durations(root: str):
             return json.load(f).get("duration_by_test", {})
     except (OSError, ValueError):
         return {}
+
+
+# --- a private, real SLURM cluster (tests/slurm_cluster.py) for the tests that need one -----
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A started SlurmCluster (2 nodes n1, n2 of 2 CPUs, partition debug) for the module,
+    stopped afterwards; skips the test when SLURM is not installed."""
+    from slurm_cluster import SlurmCluster, slurm_available
+
+    ok, reason = slurm_available()
+    if not ok:
+        pytest.skip(reason)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
