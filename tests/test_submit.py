@@ -470,22 +470,3 @@ def test_bad_key_is_refused_before_submitting(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
-def test_slurm_job_trains_on_two_nodes(tmp_path, request):
-    try:
-        cluster = request.getfixturevalue("slurm_cluster")  # tests/conftest.py: a real SLURM, or a skip
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no slurm_cluster fixture")
-    out = tmp_path / "run"  # tmp_path: on this machine's file system, which both "nodes" share
-    opts = [*TINY, "SOLVER.IMS_PER_BATCH", "4"]  # 4 processes
-    r = _submit(["--cluster", "slurm", "--partition", "debug", "--nodes", "2", "--tasks-per-node", "2",
-                 "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10", "--wait",
-                 "--config-file", CONFIG, *opts, "OUTPUT_DIR", str(out), "MODEL.DEVICE", "cpu"],
-                env=cluster.env)  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert r.stdout.startswith("Submitted job ") and "2 node(s) x 2 task(s) (0 GPU(s) per node) on debug" in r.stdout
-    with open(_log_of(r.stdout)) as f:
-        assert "Processes started by SLURM (one task per process): world size 4" in f.read()
-    text = (out / "submitit").glob("*_submission.sh")
-    assert any("--kill-on-bad-exit=1" in p.read_text() for p in text)
-    assert (out / "metrics.json").is_file() and (out / "model_final.pth").is_file()
