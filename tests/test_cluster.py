@@ -19,6 +19,7 @@ Debian packages bring them; ``.ci/run`` installs them).
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -123,6 +124,22 @@ def _read(path):
             return f.read()
     except OSError:
         return ""
+
+
+class _Job:
+    """A batch job seen as a process for :func:`_wait_for`: ``poll()`` is None while it is
+    in the queue (pending, running, requeued), else its final state."""
+
+    def __init__(self, cluster, job):
+        self.cluster, self.job = cluster, job
+
+    def poll(self):
+        state = self.cluster.state(self.job)
+        return None if state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED") else state
+
+    @property
+    def returncode(self):
+        return self.poll()
 
 
 def _wait_for(predicate, what, proc=None, timeout=TIMEOUT, poll=0.05):
@@ -309,3 +326,38 @@ def test_a_killed_task_ends_the_job_within_bounded_time(slurm_cluster, tmp_path)
     rc, text = _finish(submitter, f"{out}.submit", timeout=180)
     assert state == "FAILED" and took < 60, (state, took)  # measured: ~5 s
     assert rc == 1 and f"job {job}" in text.lower(), text[-3000:]
+
+
+def test_a_plain_sbatch_script_one_task_per_node_requeues_itself_at_the_time_limit(slurm_cluster, tmp_path):
+    """docs/cluster.md's sbatch script without submitit, with one task per node that starts
+    --num-gpus processes (Detectron2's launch inside each task): the time-limit signal
+    (#SBATCH --signal=USR1@N reaches the tasks and their processes) saves the iteration, rank 0
+    runs `scontrol requeue`, and the requeued job resumes there without being told --resume."""
+    out = tmp_path / "out"
+    train = shlex.join([sys.executable, TRAIN_NET, "--config-file", CONFIG, "--num-gpus", "2", *_opts(out, 140)])
+    script = f"""#!/bin/bash
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=2
+#SBATCH --partition=debug
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output={tmp_path}/slurm-%j.out
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+cd {ROOT}
+srun --kill-on-bad-exit=1 {train}
+"""
+    job = slurm_cluster.sbatch(script)
+    log = tmp_path / f"slurm-{job}.out"
+    running = _Job(slurm_cluster, job)
+    _wait_for(lambda: 19 in _iters_logged(_read(log)), "iteration 19", running)
+    slurm_cluster.signal(job, "USR1")
+    _wait_for(lambda: f"job {job} requeued (1 of --max-requeues 3)" in _read(log), "the requeue", running)
+    first = _stopped_at(_read(log))[0]
+    slurm_cluster.release_now(job, timeout=120)
+    assert slurm_cluster.wait(job, timeout=TIMEOUT) == "COMPLETED", _read(log)[-5000:]
+    text = _read(log)
+    line = "Processes started by SLURM (one task per node) + Detectron2's launch: world size 4 = 2 machine(s) x 2"
+    assert text.count(line) == 2 and "restart 1" in text  # the first run and the requeued one
+    assert "stopped by SIGUSR1" in text and _starts(text) == [0, first + 1] and first >= 19
+    assert max(_losses(out)) == 139 and os.path.isfile(out / "model_final.pth")
