@@ -16,7 +16,7 @@ $(VENV)/.setup-done: tools/setup_env.sh requirements.txt pyproject.toml
 
 test: setup
 	@PATH="$$PATH:/usr/sbin:/sbin" sh -c 'for c in slurmctld slurmd munged sbatch srun scontrol; do command -v $$c >/dev/null || exit 1; done' \
-	  || echo "SLURM is not installed: the cluster tests (tests/test_slurm_cluster.py) will be skipped; apt-get install slurmctld slurmd slurm-client munge brings them"
+	  || echo "SLURM is not installed: the cluster tests (tests/test_cluster.py, tests/test_slurm_cluster.py) will be skipped; apt-get install slurmctld slurmd slurm-client munge brings them"
 	$(PY) -m pytest tests
 
 demo: setup
