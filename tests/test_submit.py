@@ -251,7 +251,7 @@ def _fake_cli(local_task, fn):
         seen["env"] = dict(os.environ)
         return fn()
 
-    local_task.setattr("resnext_det.engine.cli.cli", cli)
+    local_task.setattr("resnext_det.engine.submit.cli", cli)
     return seen
 
 

@@ -36,8 +36,16 @@ import sys
 import time
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import torch
+
+from detectron2.engine import DefaultTrainer
+
+from ..data.custom import register_coco_datasets
 from ..errors import ConfigError, UserError
 from . import launch, preemption
+from .cli import argument_parser as train_parser
+from .cli import cli, run_tool
+from .setup import setup_cfg
 
 __all__ = [
     "TaskFailed",
@@ -105,12 +113,6 @@ def complete_args(args: argparse.Namespace):
     Raises:
         ConfigError: one line naming the flag or key.
     """
-    import torch
-
-    from ..data.custom import register_coco_datasets
-    from .cli import argument_parser as train_parser
-    from .setup import setup_cfg
-
     defaults = train_parser()
     for dest, (flag, instead) in _PLACEMENT_FLAGS.items():
         if getattr(args, dest) != defaults.get_default(dest):
@@ -172,8 +174,6 @@ def complete_args(args: argparse.Namespace):
 def _check_batch(cfg, args: argparse.Namespace) -> None:
     """Detectron2 asserts, in every task once the job runs, that the batch splits evenly
     over the processes: say it now, in one line (the Appendix B stages have their own)."""
-    from detectron2.engine import DefaultTrainer
-
     world = args.nodes * args.tasks_per_node
     if args.eval_only or cfg.UNSHARED.ENABLED:
         return
@@ -192,8 +192,6 @@ def train_argv(args: argparse.Namespace) -> List[str]:
     """The ``tools/train_net.py`` argv of the job: every train_net flag given (their
     defaults left out), then the ``KEY VALUE`` overrides; never the placement flags
     (``--num-gpus`` ...) nor the cluster's."""
-    from .cli import argument_parser as train_parser
-
     argv: List[str] = []
     for action in train_parser()._actions:
         if not action.option_strings or action.dest == "help" or action.dest in _PLACEMENT_FLAGS:
@@ -250,8 +248,6 @@ class TrainJob:
         return f"TrainJob({self.argv!r})"
 
     def __call__(self) -> int:
-        from .cli import cli, run_tool
-
         env = _submitit().JobEnvironment()
         if env.cluster == "local":
             _export_torchrun_variables(env)
