@@ -14,10 +14,16 @@ import detectron2.utils.comm as comm
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators
 
 from ..checkpoint import ResNeXtCheckpointer, attach_weights_record
-from ..data.robust import SkipUnreadableImages, training_dataset_dicts
+from ..data.robust import (
+    SkipAwareCOCOEvaluator,
+    SkipUnreadableImages,
+    build_evaluation_loader,
+    evaluation_dataset_dicts,
+    training_dataset_dicts,
+)
 from ..errors import ConfigError
 from ..fast import AutocastTrainer, amp_dtype, apply_fast_path, prepare_for_inference
 from ..utils.io import remove_stale_temporaries
@@ -80,11 +86,25 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        """Detectron2's training loader, where an unreadable image is skipped with a
-        warning that names it, and each dataset's dropped boxes are counted in the log
+        """Detectron2's training loader, where image files that are not on disk are left
+        out before sampling (one warning; most of them missing is refused), an image that
+        cannot be used (unreadable, 16-bit, another size than its json entry) is skipped with
+        a warning that names it, and each dataset's dropped boxes are counted in the log
         (:mod:`resnext_det.data.robust`)."""
         mapper = SkipUnreadableImages(DatasetMapper(cfg, True))
         return build_detection_train_loader(cfg, mapper=mapper, dataset=training_dataset_dicts(cfg))
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        """Detectron2's test loader, with training's safety: missing files left out before
+        the loader, and an image that cannot be used skipped by name instead of ending the
+        evaluation (:func:`resnext_det.data.robust.build_evaluation_loader`). The evaluator
+        of :meth:`build_evaluator` reports how many were skipped."""
+        return build_evaluation_loader(
+            evaluation_dataset_dicts(cfg, dataset_name),
+            DatasetMapper(cfg, False),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
 
     @classmethod
     def build_model(cls, cfg: CfgNode):
@@ -110,13 +130,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
+        """COCO evaluation (bbox, and segm for mask models) of the images the test loader
+        gave; skipped images are left out of the AP and counted in the results
+        (``skipped_images``): :class:`resnext_det.data.robust.SkipAwareCOCOEvaluator`."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         tasks: List[str] = ["bbox"]
         if cfg.MODEL.MASK_ON:
             tasks.append("segm")
         return DatasetEvaluators(
-            [COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)]
+            [SkipAwareCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)]
         )
 
 

@@ -425,6 +425,17 @@ def _markdown(results: Dict[str, Any]) -> str:
             + " | ".join(fmt(paper.get(c)) for c in _COLUMNS)
             + " |"
         )
+    # An evaluation that skipped unusable images (named in the log): its AP is not the dataset's.
+    notes = [
+        f"- {label}, {name}: {res['skipped_images']} image(s) skipped (unreadable, missing or of another "
+        "size than the json's; named in the log and in skipped_images.json): AP over the others, not "
+        "the whole dataset's."
+        for kind, label in labels.items()
+        for name, res in (results.get(kind) or {}).items()
+        if res.get("skipped_images")
+    ]
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines) + "\n"
 
 
