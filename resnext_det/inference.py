@@ -11,10 +11,11 @@ evaluation (FrozenBN folded, autocast, as configured). ``tools/train_net.py
 """
 import logging
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 import detectron2.data.transforms as T
@@ -26,7 +27,10 @@ from .engine.trainer import Trainer
 from .errors import ConfigError, MissingFileError
 from .fast import prepare_for_inference
 
-__all__ = ["build_inference_model", "load_model", "Predictor", "resolve_weights"]
+__all__ = [
+    "build_inference_model", "load_model", "Predictor", "resolve_weights", "run_config_of",
+    "SizeMismatch", "trained_size_mismatch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +70,12 @@ def _has_opt(opts: Sequence[str], key: str) -> bool:
     return key in list(opts)[::2]
 
 
-def resolve_weights(cfg, opts: Sequence[str] = ()) -> str:
+def resolve_weights(cfg, opts: Sequence[str] = (), *, config_file: Optional[str] = None) -> str:
     """The checkpoint to run: ``MODEL.WEIGHTS`` if set on the command line, else
-    ``OUTPUT_DIR/model_final.pth`` if it exists, else the config's ``MODEL.WEIGHTS``.
+    ``OUTPUT_DIR/model_final.pth`` if it exists, else the ``model_final.pth`` beside
+    ``config_file`` (a run's own ``OUTPUT_DIR/config.yaml`` read from another folder than
+    the run's: its relative ``OUTPUT_DIR`` points elsewhere there), else the config's
+    ``MODEL.WEIGHTS`` (for a run's config.yaml, the weights training *started* from).
 
     Raises:
         MissingFileError: nothing to load, with what to do about it.
@@ -78,13 +85,69 @@ def resolve_weights(cfg, opts: Sequence[str] = ()) -> str:
         return cfg.MODEL.WEIGHTS
     if os.path.isfile(final):
         return final
+    beside = os.path.join(os.path.dirname(config_file), "model_final.pth") if config_file else ""
+    if beside and os.path.isfile(beside):
+        return beside
     if cfg.MODEL.WEIGHTS:
         return cfg.MODEL.WEIGHTS
     raise MissingFileError(
         f"No trained weights: {final} does not exist and MODEL.WEIGHTS is empty. Train the "
-        "config first (python tools/train_net.py --config-file ..., or `make demo` for the "
+        "config first (.venv/bin/python tools/train_net.py --config-file ..., or `make demo` for the "
         "quickstart config), or pass MODEL.WEIGHTS path/to/model_final.pth."
     )
+
+
+#: The test-time sizes a model is run at, which a run's config.yaml records.
+_TEST_SIZE_KEYS = ("MIN_SIZE_TEST", "MAX_SIZE_TEST")
+
+
+def run_config_of(weights: str) -> Optional[str]:
+    """The ``config.yaml`` that ``tools/train_net.py`` (Detectron2's ``default_setup``) and
+    the Appendix B schedule write into the ``OUTPUT_DIR`` that also holds ``weights``: the
+    settings the model was trained with, or None when there is none."""
+    if not weights or "://" in weights:
+        return None
+    path = os.path.join(os.path.dirname(weights), "config.yaml")
+    return path if os.path.isfile(path) else None
+
+
+def _test_sizes(d) -> str:
+    return " / ".join(f"INPUT.{k} {d[k]}" for k in _TEST_SIZE_KEYS)
+
+
+class SizeMismatch(NamedTuple):
+    """A model run at other test sizes than its training run evaluated at."""
+
+    config_file: str  #: the training run's config.yaml
+    trained: str  #: "INPUT.MIN_SIZE_TEST 384 / INPUT.MAX_SIZE_TEST 667", from it
+    here: str  #: the same keys of the config in use
+
+    def __str__(self) -> str:
+        return (
+            f"The model was trained at {self.trained} ({self.config_file}) but runs here at "
+            f"{self.here}: not the detections of the trained size (and larger sizes are slower); use "
+            f"--config-file {self.config_file} (that run's settings: classes, sizes, thresholds)"
+        )
+
+
+def trained_size_mismatch(cfg, weights: str) -> Optional[SizeMismatch]:
+    """The sizes when ``cfg`` runs ``weights`` at other ``INPUT.*_SIZE_TEST`` than the run
+    that trained them (its :func:`run_config_of`) evaluated at; None when they agree or
+    are unknown."""
+    path = run_config_of(weights)
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            trained = (yaml.safe_load(f) or {}).get("INPUT", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not isinstance(trained, dict) or not all(k in trained for k in _TEST_SIZE_KEYS):
+        return None
+    here = {k: cfg.INPUT[k] for k in _TEST_SIZE_KEYS}
+    if all(trained[k] == here[k] for k in _TEST_SIZE_KEYS):
+        return None
+    return SizeMismatch(path, _test_sizes(trained), _test_sizes(here))
 
 
 class Predictor:

@@ -3,19 +3,23 @@
 does with a :class:`~resnext_det.inference.Predictor` (Detectron2's ``demo/demo.py``,
 without the webcam and the window)."""
 import glob
+import math
 import os
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+from PIL import Image
 
+from detectron2.data.detection_utils import read_image
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from .errors import ConfigError, MissingFileError
-from .inference import Predictor
+from .data.checks import UnusableImage, check_image_file
+from .errors import ConfigError
+from .inference import Predictor, SizeMismatch
 from .utils.io import TMP_MARK, atomic_write_bytes
 
 __all__ = [
@@ -26,10 +30,14 @@ __all__ = [
     "draw_predictions",
     "instances_to_json",
     "expand_inputs",
+    "check_inputs",
+    "read_input_image",
     "is_video",
     "output_paths",
     "write_image",
     "run_video",
+    "run_on_files",
+    "no_detection_hint",
 ]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -79,34 +87,74 @@ def instances_to_json(instances: Instances, metadata) -> List[dict]:
     return out
 
 
-def expand_inputs(items: Sequence[str]) -> List[str]:
+def expand_inputs(items: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
     """Files from ``--input``: image or video files, glob patterns, folders (their
-    images and videos, sorted, not recursive)."""
+    images and videos, sorted, not recursive).
+
+    Returns:
+        (the files, ``(item, reason)`` for each item that gives none: a missing file,
+        folder or glob match, a folder without images or videos, a file that is neither
+        an image nor a video). The caller skips those by name: one bad item does not
+        stop the others.
+    """
     files: List[str] = []
+    skipped: List[Tuple[str, str]] = []
+    media = IMAGE_EXTS + VIDEO_EXTS
     for item in items:
         if os.path.isdir(item):
-            found = sorted(
-                os.path.join(item, f)
-                for f in os.listdir(item)
-                if f.lower().endswith(IMAGE_EXTS + VIDEO_EXTS)
-            )
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(media))
             if not found:
-                raise MissingFileError(f"--input {item!r}: folder holds no image or video ({', '.join(IMAGE_EXTS + VIDEO_EXTS)})")
+                skipped.append((item, f"folder holds no image or video ({', '.join(media)})"))
             files += found
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            found = sorted(glob.glob(os.path.expanduser(item)))
-            if not found:
-                raise MissingFileError(f"--input {item!r}: no such file, folder or matching glob")
-            files += [f for f in found if os.path.isfile(f)]
-    bad = [f for f in files if not f.lower().endswith(IMAGE_EXTS + VIDEO_EXTS)]
-    if bad:
-        raise ConfigError(
-            f"--input: {bad[0]!r} is neither an image ({', '.join(IMAGE_EXTS)}) nor a video "
-            f"({', '.join(VIDEO_EXTS)})."
+            continue
+        found = [item] if os.path.isfile(item) else sorted(
+            f for f in glob.glob(os.path.expanduser(item)) if os.path.isfile(f)
         )
-    return files
+        if not found:
+            skipped.append((item, "no such file, folder or matching glob"))
+        for f in found:
+            if f.lower().endswith(media):
+                files.append(f)
+            else:
+                skipped.append((f, f"neither an image ({', '.join(IMAGE_EXTS)}) nor a video ({', '.join(VIDEO_EXTS)})"))
+    return files, skipped
+
+
+def check_inputs(files: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Training's per-image check (:func:`resnext_det.data.checks.check_image_file`: an
+    image PIL can read, at most 8 bits per channel) on the images among ``files``, from
+    their headers (cheap: before any model is built). A truncated file passes here and is
+    caught where it is decoded (:func:`read_input_image`).
+
+    Returns:
+        (the files that pass, videos included; ``(file, reason)`` for the others)
+    """
+    ok: List[str] = []
+    bad: List[Tuple[str, str]] = []
+    for f in files:
+        if not is_video(f):
+            try:
+                check_image_file(f)
+            except OSError as e:
+                bad.append((f, str(e)))
+                continue
+        ok.append(f)
+    return ok, bad
+
+
+def read_input_image(path: str) -> np.ndarray:
+    """An input image as the model's data loaders read images (Detectron2's
+    ``read_image``: PIL, EXIF orientation applied), BGR uint8, after training's check.
+
+    Raises:
+        UnusableImage: a missing file, not an image, more than 8 bits per channel, or
+            truncated (found while decoding); the message says which.
+    """
+    check_image_file(path)
+    try:
+        return read_image(path, format="BGR")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UnusableImage(f"not an image PIL can read ({e})") from e
 
 
 def is_video(path: str) -> bool:
@@ -200,11 +248,16 @@ def run_on_files(
     *,
     threshold: float,
     logger=None,
+    reasons: Optional[Dict[str, str]] = None,
 ) -> Tuple[List[dict], List[str]]:
     """Run ``predictor`` on every file, write the drawn images/videos to ``outputs``.
 
-    A file that cannot be read (a corrupt image, an unreadable video) is skipped
-    with a warning that names it, so that one bad file does not end a folder.
+    A file that cannot be used (truncated, not an image, more than 8 bits per channel,
+    an unreadable video) is skipped with a warning that names it, so that one bad file
+    does not end a folder; ``reasons``, when given, receives ``{file: why}`` for them.
+    Each image's record counts the detections the model returned under ``threshold``
+    (``below_threshold``, with the best of their scores): the predictor may run at a
+    lower score threshold than the one drawn.
 
     Returns:
         (records for predictions.json, the files skipped)
@@ -215,6 +268,13 @@ def run_on_files(
     log = logger or logging.getLogger(__name__)
     records: List[dict] = []
     skipped: List[str] = []
+
+    def skip(src: str, why: str) -> None:
+        log.warning("Skipped %s: %s", src, why)
+        skipped.append(src)
+        if reasons is not None:
+            reasons[src] = why
+
     for src in files:
         dst = outputs[src]
         t0 = time.perf_counter()
@@ -222,29 +282,63 @@ def run_on_files(
             try:
                 frames = run_video(predictor, src, dst, threshold)
             except ConfigError as e:
-                log.warning("Skipped %s: %s", src, e)
-                skipped.append(src)
+                skip(src, str(e))
                 continue
             records.append({"file": src, "output": dst, "frames": frames})
             log.info(f"{src}: {len(frames)} frames in {time.perf_counter() - t0:.1f} s -> {dst}")
             continue
-        image = cv2.imread(src, cv2.IMREAD_COLOR)
-        if image is None:
-            log.warning("Skipped %s: OpenCV cannot read this image (corrupt or not an image)", src)
-            skipped.append(src)
+        try:
+            image = read_input_image(src)
+        except UnusableImage as e:
+            skip(src, str(e))
             continue
         pred = predictor(image)
         inst = instances_to_draw(pred, threshold)
         write_image(dst, draw_predictions(image[:, :, ::-1], inst, predictor.metadata))
-        records.append({"file": src, "output": dst, "instances": instances_to_json(inst, predictor.metadata)})
-        below = _count_below(pred, threshold)
+        below, best = _below(pred, threshold)
+        records.append({
+            "file": src, "output": dst, "instances": instances_to_json(inst, predictor.metadata),
+            "below_threshold": below, "best_score_below": best,
+        })  # fmt: skip
         note = f" ({below} more below --confidence-threshold {threshold:g})" if below else ""
         log.info(f"{src}: {len(inst)} detections{note} in {time.perf_counter() - t0:.2f} s -> {dst}")
     return records, skipped
 
 
-def _count_below(pred: Dict, threshold: float) -> int:
-    """Detections the model returned that score under ``threshold`` (not drawn)."""
+def no_detection_hint(
+    records: Sequence[dict], threshold: float, cfg, mismatch: Optional[SizeMismatch] = None
+) -> Optional[str]:
+    """One line when every image, or most (80%), got no detection at ``threshold``:
+    how many, what scored below it, a lower ``--confidence-threshold`` to try, the
+    test size the images ran at and, given ``mismatch``
+    (:func:`resnext_det.inference.trained_size_mismatch`), that it is not the trained
+    one. None otherwise (and for videos, which are not counted)."""
+    images = [r for r in records if "instances" in r]
+    empty = [r for r in images if not r["instances"]]
+    if not empty or len(empty) * 5 < len(images) * 4:
+        return None
+    below = sum(r.get("below_threshold", 0) for r in empty)
+    bests = [r["best_score_below"] for r in empty if r.get("best_score_below") is not None]
+    line = f"{len(empty)} of {len(images)} image(s) got no detection at --confidence-threshold {threshold:g}"
+    if below:
+        line += f" ({below} scored below it, the highest {math.floor(max(bests) * 1000) / 1000:g})"
+    if threshold > 0.3:
+        line += ": try --confidence-threshold 0.3 or lower"
+    elif threshold > 0:
+        line += f": try a lower --confidence-threshold (e.g. {threshold / 2:.2g})"
+    else:
+        line += ": the model found nothing at all"
+    line += f"; they ran at INPUT.MIN_SIZE_TEST {cfg.INPUT.MIN_SIZE_TEST} / INPUT.MAX_SIZE_TEST {cfg.INPUT.MAX_SIZE_TEST}"
+    if mismatch:
+        line += f", not at the {mismatch.trained} the model was trained at: use --config-file {mismatch.config_file}"
+    return line
+
+
+def _below(pred: Dict, threshold: float) -> Tuple[int, Optional[float]]:
+    """Detections the model returned that score under ``threshold`` (not drawn), and the
+    best of their scores."""
     if "instances" in pred and pred["instances"].has("scores"):
-        return int((pred["instances"].scores < threshold).sum())
-    return 0
+        scores = pred["instances"].scores
+        low = scores[scores < threshold]
+        return int(low.numel()), (round(float(low.max()), 4) if low.numel() else None)
+    return 0, None

@@ -292,6 +292,15 @@ def test_demo_py_on_folder_image_and_video(demo_run, tmp_path):
                      str(rvis), "--confidence-threshold", "0.0"], env)
     assert len([f for f in os.listdir(rvis) if f.endswith(".jpg")]) == len(inputs)
 
+    # The README's command: the run's own OUTPUT_DIR/config.yaml (train_net writes it), nothing
+    # else: its model_final.pth, its sizes, its classes; the same detections as above.
+    cvis = tmp_path / "cfg_vis"
+    _run("demo.py", ["--config-file", os.path.join(out, "config.yaml"), "--input", val, "--output", str(cvis),
+                     "--confidence-threshold", "0.0"], env)
+    again = json.load(open(cvis / "predictions.json"))
+    assert again["weights"] == os.path.join(out, "model_final.pth")
+    assert [r["instances"] for r in again["results"]] == [r["instances"] for r in pred["results"]]
+
 
 def test_demo_py_errors_name_the_fix(tmp_path):
     env = dict(os.environ)
@@ -306,3 +315,216 @@ def test_demo_py_errors_name_the_fix(tmp_path):
     r = _run("demo.py", ["--config-file", CONFIG, "--input", str(img), "--output", str(tmp_path / "o"),
                          "--confidence-threshold", "1.5"], env, check=False)
     assert r.returncode == 2 and "--confidence-threshold" in r.stderr
+
+
+# ------------------------------------------------- tools/demo.py on a fine-tuned run (issue 22)
+# A run as "Fine-tune on your own data" leaves it: OUTPUT_DIR/config.yaml (written by
+# Detectron2's cfg.dump(), as default_setup writes it) and OUTPUT_DIR/model_final.pth, for
+# a tiny FPN model with 3 classes trained at 96 px; 3 images and their json in data/.
+# Paths are relative, as in the README's commands run from the repository root.
+FPN_CONFIG = "configs/COCO-Detection/faster_rcnn_X_50_32x4d_FPN_1x.yaml"
+TINY_RUN = [
+    "MODEL.RESNEXT.PRESET", "", "MODEL.RESNEXT.STAGE_BLOCKS", "[1, 1, 1, 1]",
+    "MODEL.RESNEXT.CARDINALITY", "2", "MODEL.RESNEXT.BOTTLENECK_WIDTH", "4",
+    "MODEL.RESNEXT.STEM_OUT_CHANNELS", "8", "MODEL.RESNEXT.RES2_OUT_CHANNELS", "16",
+    "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+]  # fmt: skip
+RUN_ONLY = [  # what the fine-tune recipe adds: the user's data, 3 classes, its sizes
+    "DATASETS.TRAIN", "('mydata_train',)", "DATASETS.TEST", "('mydata_val',)",
+    "MODEL.ROI_HEADS.NUM_CLASSES", "3", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "160",
+    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160", "OUTPUT_DIR", "output/mydata",
+]  # fmt: skip
+MY_CLASSES = ["bolt", "nut", "washer"]
+REGISTER = ["--register-coco", "mydata_val", "data/val.json", "data/images"]
+
+
+def _demo(cwd, *args, env=None):
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def fine_tuned_run(tmp_path_factory):
+    import cv2
+    import torch
+    from detectron2.layers import FrozenBatchNorm2d
+    from detectron2.modeling import build_model
+
+    from resnext_det.data.shapes import render_image
+    from resnext_det.engine import setup_cfg
+
+    base = tmp_path_factory.mktemp("mydata")
+    os.makedirs(base / "data" / "images")
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(3):
+        name = f"{i:03d}.jpg"
+        img = render_image(rng, size=128)[0]
+        cv2.imwrite(str(base / "data" / "images" / name), img[:, :, ::-1])
+        images.append({"id": i + 1, "file_name": name, "height": 128, "width": 128})
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(MY_CLASSES)]
+    (base / "data" / "val.json").write_text(json.dumps({"images": images, "annotations": [], "categories": cats}))
+
+    cfg = setup_cfg(os.path.join(ROOT, FPN_CONFIG), TINY_RUN + RUN_ONLY + ["MODEL.DEVICE", "cpu"], freeze=False)
+    run = base / "output" / "mydata"
+    os.makedirs(run)
+    (run / "config.yaml").write_text(cfg.dump())
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # a trained model's FrozenBN statistics and spread-out class scores
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+        model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.08)
+    torch.save({"model": model.state_dict()}, run / "model_final.pth")
+    return base
+
+
+def _default_predictor_detections(run_dir, image_files, threshold):
+    """Detectron2's own DefaultPredictor on the run's config.yaml and weights: the reference."""
+    from detectron2.config import get_cfg
+    from detectron2.data.detection_utils import read_image
+    from detectron2.engine import DefaultPredictor
+
+    from resnext_det.config import add_resnext_config
+
+    cfg = get_cfg()
+    add_resnext_config(cfg)
+    cfg.merge_from_file(os.path.join(run_dir, "config.yaml"))
+    cfg.MODEL.WEIGHTS = os.path.join(run_dir, "model_final.pth")
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = threshold
+    predictor = DefaultPredictor(cfg)
+    out = {}
+    for f in image_files:
+        inst = predictor(read_image(f, format="BGR"))["instances"].to("cpu")
+        out[os.path.basename(f)] = sorted(
+            (float(s), int(c), [float(v) for v in b])
+            for s, c, b in zip(inst.scores, inst.pred_classes, inst.pred_boxes.tensor)
+        )
+    return out
+
+
+def _assert_same_as_reference(pred, ref):
+    got = {os.path.basename(r["file"]): r["instances"] for r in pred["results"]}
+    assert sorted(got) == sorted(ref)
+    n = 0
+    for name, dets in got.items():
+        mine = sorted((d["score"], d["category"], d["bbox_xyxy"]) for d in dets)
+        assert len(mine) == len(ref[name]), (name, len(mine), len(ref[name]))
+        for (s, cat, box), (rs, rc, rbox) in zip(mine, ref[name]):
+            assert cat == MY_CLASSES[rc] and s == pytest.approx(rs, abs=1e-4)
+            assert np.allclose(box, rbox, atol=0.011), (box, rbox)  # json rounds to 0.01 px
+        n += len(mine)
+    return n
+
+
+def test_demo_py_with_the_runs_config_yaml_gives_defaultpredictors_detections(fine_tuned_run):
+    """The documented command: --config-file OUTPUT_DIR/config.yaml carries NUM_CLASSES and the
+    trained test size, the weights are the run's model_final.pth; the detections drawn (score
+    >= threshold) are Detectron2's DefaultPredictor's on the same files, with the json's names."""
+    base = fine_tuned_run
+    r = _demo(base, "--config-file", "output/mydata/config.yaml", *REGISTER, "--input", "data/images",
+              "--output", "output/mydata_vis", "--confidence-threshold", "0.35")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pred = json.load(open(base / "output" / "mydata_vis" / "predictions.json"))
+    assert pred["weights"] == os.path.join("output", "mydata", "model_final.pth")
+    images = sorted(str(p) for p in (base / "data" / "images").iterdir())
+    n = _assert_same_as_reference(pred, _default_predictor_detections(base / "output" / "mydata", images, 0.35))
+    assert n > 0, "nothing above the threshold: the comparison is empty"
+    assert "trained at" not in r.stderr  # its own sizes: no size warning
+
+
+def test_demo_py_takes_flags_after_opts_and_trailing_key_value_pairs(fine_tuned_run):
+    """Issue 22, point 4: the README's fine-tune demo command with --register-coco placed after
+    --opts ended in "Non-existent key: --register-coco"; train_net's trailing KEY VALUE pairs
+    were refused. Both are accepted and give the detections of the --opts form."""
+    base = fine_tuned_run
+    pairs = ["DATASETS.TEST", "('mydata_val',)", "MODEL.ROI_HEADS.NUM_CLASSES", "3", *TINY_RUN,
+             "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160",
+             "MODEL.WEIGHTS", "output/mydata/model_final.pth"]  # fmt: skip
+    runs = {
+        "flags after --opts": ["--config-file", FPN_CONFIG, "--input", "data/images", "--output", "vis_a",
+                               "--opts", *pairs, *REGISTER, "--confidence-threshold", "0.35"],
+        "trailing pairs": ["--config-file", FPN_CONFIG, *REGISTER, "--output", "vis_b", "--input",
+                           "data/images", *pairs, "--confidence-threshold", "0.35"],
+    }
+    images = sorted(str(p) for p in (base / "data" / "images").iterdir())
+    ref = _default_predictor_detections(base / "output" / "mydata", images, 0.35)
+    for (what, args), out in zip(runs.items(), ("vis_a", "vis_b")):
+        r = _demo(base, *[os.path.join(ROOT, a) if a == FPN_CONFIG else a for a in args])
+        assert r.returncode == 0, (what, r.stderr[-3000:])
+        assert _assert_same_as_reference(json.load(open(base / out / "predictions.json")), ref) > 0
+    # an unknown flag after --opts is named, not taken as a config key
+    r = _demo(base, "--config-file", os.path.join(ROOT, FPN_CONFIG), "--input", "data/images", "--output",
+              "vis_c", "--opts", "MODEL.DEVICE", "cpu", "--confidence-treshold", "0.3")
+    assert r.returncode == 2 and "--confidence-treshold" in r.stderr and "Non-existent key" not in r.stderr
+
+
+def test_demo_py_readme_recipe_warns_of_the_test_size_and_hints_at_the_threshold(fine_tuned_run):
+    """Issue 22, point 4: the README's recipe (shipped config + MODEL.WEIGHTS) runs at the
+    config's 800 px, not the 96 px the run was trained at, and every image got "0 detections"
+    at 0.5 without a hint. Now it says both: the size it runs at against the trained one (from
+    the config.yaml beside the weights), and --confidence-threshold."""
+    base = fine_tuned_run
+    r = _demo(base, "--config-file", os.path.join(ROOT, FPN_CONFIG), *REGISTER, "--input", "data/images",
+              "--output", "vis_readme", "--opts", "DATASETS.TEST", "('mydata_val',)",
+              "MODEL.ROI_HEADS.NUM_CLASSES", "3", *TINY_RUN, "MODEL.WEIGHTS", "output/mydata/model_final.pth")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pred = json.load(open(base / "vis_readme" / "predictions.json"))
+    assert all(not x["instances"] for x in pred["results"])  # the issue's case: nothing at 0.5
+    # the reference: what the run's own config holds
+    from detectron2.config import CfgNode
+
+    trained = CfgNode.load_yaml_with_base(str(base / "output" / "mydata" / "config.yaml"))["INPUT"]
+    log = r.stderr + r.stdout
+    size_lines = [ln for ln in log.splitlines() if "trained at" in ln]
+    assert size_lines and "INPUT.MIN_SIZE_TEST 800" in size_lines[0]
+    assert f"INPUT.MIN_SIZE_TEST {trained['MIN_SIZE_TEST']}" in size_lines[0]
+    assert "--config-file output/mydata/config.yaml" in size_lines[0]
+    hint = [ln for ln in log.splitlines() if "no detection" in ln]
+    assert hint and "--confidence-threshold 0.3" in hint[-1] and "INPUT.MIN_SIZE_TEST 800" in hint[-1]
+    assert log.rstrip().splitlines()[-1] == hint[-1]  # the last line of the run
+
+
+def test_demo_py_skips_bad_inputs_by_name_and_counts_them(fine_tuned_run, tmp_path):
+    """Issue 22, point 11: a truncated JPEG was processed silently (exit 0, 0 detections, only
+    libjpeg's unnamed "Premature end of JPEG file"). Truncated, garbage, 16-bit and missing
+    inputs are now skipped by name, counted at the end, and the good images still run."""
+    import cv2
+
+    base = fine_tuned_run
+    bad = tmp_path / "in"
+    bad.mkdir()
+    good = sorted((base / "data" / "images").iterdir())[:2]
+    for p in good:
+        (bad / p.name).write_bytes(p.read_bytes())
+    ok, enc = cv2.imencode(".jpg", np.full((120, 160, 3), 128, np.uint8))
+    (bad / "truncated.jpg").write_bytes(enc.tobytes()[: len(enc) * 2 // 3])
+    (bad / "garbage.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
+    Image.fromarray(np.linspace(0, 60000, 64 * 64).astype(np.uint16).reshape(64, 64)).save(bad / "depth16.png")
+    missing = str(tmp_path / "nope.jpg")
+    common = ["--config-file", "output/mydata/config.yaml", *REGISTER, "--confidence-threshold", "0.35"]
+
+    # the issue's case alone: one truncated JPEG -> nothing usable, exit 2, one line naming it
+    r = _demo(base, *common, "--input", str(bad / "truncated.jpg"), "--output", str(tmp_path / "o1"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    err_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("demo.py: error:")]
+    assert len(err_lines) == 1 and "truncated.jpg" in r.stderr and "Traceback" not in r.stderr
+
+    r = _demo(base, *common, "--input", str(bad), missing, "--output", str(tmp_path / "o2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stderr + r.stdout
+    for name in ("truncated.jpg", "garbage.jpg", "depth16.png", "nope.jpg"):
+        assert any("Skipped" in ln and name in ln for ln in log.splitlines()), name
+    assert "4 of 6 input(s) skipped" in log
+    pred = json.load(open(tmp_path / "o2" / "predictions.json"))
+    assert [os.path.basename(x["file"]) for x in pred["results"]] == [p.name for p in good]
+    assert sorted(os.path.basename(s["file"]) for s in pred["skipped"]) == sorted(
+        ["depth16.png", "garbage.jpg", "nope.jpg", "truncated.jpg"])
+    assert not (tmp_path / "o2" / "truncated.jpg").exists()

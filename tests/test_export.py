@@ -472,3 +472,104 @@ def test_benchmark_runs_every_runtime(tmp_path):
     ]  # fmt: skip
     assert all(r["seconds"] > 0 and r["input"] == "64x85" for r in rows)
     assert E.benchmark_table(rows)[2].startswith("| eager fp32 | ")
+
+
+# ------------------------------------------------- a fine-tuned run's config.yaml (issue 22)
+def _fine_tuned_run(base, family="faster_rcnn_FPN"):
+    """What tools/train_net.py leaves in OUTPUT_DIR for a fine-tune on 3 classes:
+    ``config.yaml`` (Detectron2's cfg.dump(), as default_setup writes it; OUTPUT_DIR relative,
+    as in the README's recipe) and ``model_final.pth``. The shipped config has 80 classes."""
+    cfg = _cfg(family, "MODEL.ROI_HEADS.NUM_CLASSES", "3", "OUTPUT_DIR", "output/mydata")
+    cfg.OUTPUT_DIR = "output/mydata"
+    run = base / "output" / "mydata"
+    os.makedirs(run)
+    (run / "config.yaml").write_text(cfg.dump())
+    _write_trained_like(cfg, str(run / "model_final.pth"))
+    return run
+
+
+def _tool_in(cwd, *args, env=None):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "export_model.py"), *args],
+        capture_output=True, text=True, cwd=cwd, env=dict(env or os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+
+
+def test_tool_exports_a_fine_tuned_run_from_its_config_yaml(tmp_path):
+    """Issue 22, point 3: the docs' deploy command with the run's own OUTPUT_DIR/config.yaml
+    exports its model_final.pth with its 3 classes (the shipped config says 80), from the
+    folder the run was made in and from any other folder."""
+    from detectron2.config import CfgNode
+
+    run = _fine_tuned_run(tmp_path)
+    want = CfgNode.load_yaml_with_base(str(run / "config.yaml"))["MODEL"]["ROI_HEADS"]["NUM_CLASSES"]
+    assert want == 3
+    cls = torch.load(run / "model_final.pth")["model"]["roi_heads.box_predictor.cls_score.weight"]
+    assert cls.shape[0] == want + 1  # 3 classes and background
+
+    # docs/deploy.md's command, from the folder the run was made in
+    p = _tool_in(tmp_path, "--config-file", "output/mydata/config.yaml", "--format", "onnx",
+                 "--output", "export/mydata", "--verify")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Verify: OK" in p.stdout and "trained at" not in p.stderr + p.stdout
+    graph = onnx.load(str(tmp_path / "export" / "mydata" / "model.onnx")).graph
+    weights = [onnx.numpy_helper.to_array(t) for t in graph.initializer]
+    assert any(w.shape == tuple(cls.shape) and np.array_equal(w, cls.numpy()) for w in weights)
+
+    # from another folder: the run's relative OUTPUT_DIR leads nowhere, the model_final.pth
+    # beside the config file is the model (not the ImageNet backbone training started from)
+    os.makedirs(tmp_path / "other")
+    p = _tool_in(tmp_path / "other", "--config-file", "../output/mydata/config.yaml", "--output", "ts", "--verify")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Verify: OK" in p.stdout
+    params = dict(torch.jit.load(str(tmp_path / "other" / "ts" / "model.ts")).named_parameters())
+    ts_cls = next(v for k, v in params.items() if k.endswith("box_predictor.cls_score.weight"))
+    torch.testing.assert_close(ts_cls, cls, rtol=0, atol=0)
+
+
+def test_tool_reads_its_config_file_with_train_nets_errors(tmp_path, capsys):
+    """A missing and a broken --config-file end export_model.py exactly as they end
+    tools/train_net.py: one line, the same message, exit status 2."""
+    from resnext_det.engine import cli
+    from resnext_det.engine.cli import run_tool
+
+    broken = tmp_path / "config.yaml"
+    broken.write_text("MODEL:\n  WEIGHTS: [unclosed\n")
+    for config in (str(tmp_path / "missing" / "config.yaml"), str(broken)):
+        lines = {}
+        for prog, fn in (
+            ("export_model.py", lambda: E.run_export(config, [], output=str(tmp_path / "out"))),
+            ("train_net.py", lambda: cli.cli(["--config-file", config])),
+        ):
+            assert run_tool(fn, prog) == 2
+            err = capsys.readouterr().err
+            line = [ln for ln in err.splitlines() if ln.startswith(f"{prog}: error:")]
+            assert len(line) == 1 and "Traceback" not in err, err[-2000:]
+            lines[prog] = line[0][len(f"{prog}: error:"):]
+        assert lines["export_model.py"] == lines["train_net.py"] and config in lines["train_net.py"]
+
+
+def test_tool_without_onnxruntime_says_the_file_is_unverified_in_one_line(tmp_path):
+    """Issue 22, point 8: without onnxruntime, --format onnx --verify wrote the file, then
+    ended in a raw traceback. Now: one line naming the package and how to install it, and
+    that the .onnx file was written but not verified; exit status 2; the file is there."""
+    fake = tmp_path / "no_ort" / "onnxruntime"
+    os.makedirs(fake)
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")])))
+    check = subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env, capture_output=True, text=True)
+    assert check.returncode != 0 and "No module named 'onnxruntime'" in check.stderr  # the simulation holds
+    run = _fine_tuned_run(tmp_path)
+    p = _tool_in(tmp_path, "--config-file", "output/mydata/config.yaml", "--format", "onnx",
+                 "--output", "export/mydata", "--verify", env=env)  # fmt: skip
+    onnx_file = os.path.join("export", "mydata", "model.onnx")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    last = p.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("export_model.py: error:"), last
+    for words in ("pip install onnxruntime", ".venv/bin/pip", onnx_file, "not verified"):
+        assert words in last, (words, last)
+    assert os.path.isfile(tmp_path / onnx_file) and os.path.getsize(tmp_path / onnx_file) > 0
+    assert run.is_dir()

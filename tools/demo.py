@@ -5,32 +5,52 @@
 The command line of Detectron2's ``demo/demo.py`` (without the webcam and the
 window: results are always written)::
 
+    # a model trained by tools/train_net.py: its run's OUTPUT_DIR/config.yaml holds everything
+    # it was trained with (NUM_CLASSES, DATASETS.TEST, the INPUT.*_TEST sizes); the weights
+    # are the model_final.pth beside it
+    .venv/bin/python tools/demo.py --config-file output/mydata/config.yaml \\
+        --register-coco mydata_val data/val.json data/images --input data/images --output output/mydata_vis
     # the model trained by `make demo` (the Appendix B UnsharedRCNN, both networks)
-    python tools/demo.py --config-file configs/quickstart/faster_rcnn_X_26_8x4d_FPN_shapes_appendixB.yaml \\
+    .venv/bin/python tools/demo.py --config-file output/demo/config.yaml \\
         --input datasets/shapes/val --output output/demo_vis
-    # any config + checkpoint; --input takes files, globs, folders and videos
-    python tools/demo.py --config-file configs/COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x.yaml \\
+    # any config + checkpoint; --input takes files, globs, folders and videos; config
+    # overrides as KEY VALUE pairs after the flags (as tools/train_net.py) or after --opts
+    .venv/bin/python tools/demo.py --config-file configs/COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x.yaml \\
         --input 'photos/*.jpg' clip.mp4 --output vis/ --confidence-threshold 0.6 \\
-        --opts MODEL.WEIGHTS model_final.pth
-    # a model fine-tuned on your own COCO-format data: its class names come from the json
-    python tools/demo.py --config-file configs/COCO-Detection/faster_rcnn_X_50_32x4d_FPN_1x.yaml \\
-        --register-coco mydata_val data/val.json data/images --input photos/ --output vis/ \\
-        --opts DATASETS.TEST "('mydata_val',)" MODEL.ROI_HEADS.NUM_CLASSES 3 MODEL.WEIGHTS output/mydata/model_final.pth
+        MODEL.WEIGHTS model_final.pth
 
-Weights: ``--opts MODEL.WEIGHTS FILE`` when given; otherwise the config's own
-trained model, ``OUTPUT_DIR/model_final.pth`` (what ``tools/train_net.py`` and the
-Appendix B schedule write); otherwise the config's ``MODEL.WEIGHTS``. Loading is
-strict: weights that leave any tensor of the model untrained (an ImageNet backbone,
-a checkpoint of another architecture) are refused with the reason.
+Arguments: Detectron2's ``--opts KEY VALUE ...`` and train_net's trailing ``KEY VALUE``
+pairs both work, in any order with the flags: a flag after ``--opts`` (``--register-coco``,
+``--confidence-threshold``, ...) is read as that flag; pairs right after ``--input``
+files start at the first word that is a config key (``MODEL.WEIGHTS``) and not a file.
+The ``--opts`` pairs are applied first, then the trailing ones.
+
+Weights: ``MODEL.WEIGHTS FILE`` when given; otherwise the config's own trained model,
+``OUTPUT_DIR/model_final.pth`` (what ``tools/train_net.py`` and the Appendix B schedule
+write), or the ``model_final.pth`` beside the config file (a run's config.yaml);
+otherwise the config's ``MODEL.WEIGHTS``. Loading is strict: weights that leave any
+tensor of the model untrained (an ImageNet backbone, a checkpoint of another
+architecture) are refused with the reason. Weights whose run (the ``config.yaml`` beside
+them) was evaluated at other ``INPUT.*_SIZE_TEST`` than the config given: one warning.
+
+Inputs get training's per-image check: a missing file, a file that is not an image, an
+image of more than 8 bits per channel (read as all white) and a truncated one are
+skipped with a warning naming them, and counted at the end; exit status 2 when no input
+could be used. When every image (or most) got no detection, the last line says what
+scored below ``--confidence-threshold`` and at which test size the images ran.
 
 Outputs: with one input image and an ``--output`` ending in an image extension,
 that file; otherwise ``--output`` is a folder that receives one drawn image per
 input image (same file name), one ``.mp4`` per input video, and
-``predictions.json`` (boxes in input-image pixels, XYXY, with scores and class names).
+``predictions.json`` (boxes in input-image pixels, XYXY, with scores and class names;
+the inputs skipped and why).
 """
 import argparse
+import difflib
 import os
+import re
 import sys
+from typing import List, Optional, Sequence, Tuple
 
 import resnext_det  # noqa: F401  registers the models and datasets (first: quiets detectron2's import)
 from detectron2.utils.logger import setup_logger
@@ -39,18 +59,23 @@ from resnext_det.data import add_register_coco_argument, check_num_classes, data
 from resnext_det.engine import setup_cfg, setup_logging
 from resnext_det.engine.cli import run_tool
 from resnext_det.errors import ConfigError
-from resnext_det.inference import Predictor, resolve_weights
+from resnext_det.inference import Predictor, resolve_weights, trained_size_mismatch
 from resnext_det.utils.io import atomic_write_json
-from resnext_det.visualize import expand_inputs, output_paths, run_on_files
+from resnext_det.visualize import check_inputs, expand_inputs, no_detection_hint, output_paths, run_on_files
 
 logger = setup_logger(name="resnext_det.demo", abbrev_name="demo")
+#: The score down to which the model keeps detections (those under --confidence-threshold
+#: are counted, not drawn): Detectron2's evaluation threshold.
+MODEL_SCORE_FLOOR = 0.05
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Run a resnext_det detector on images / videos (as Detectron2's demo/demo.py).",
+        description="Run a resnext_det detector on images / videos (as Detectron2's demo/demo.py). "
+        "Config overrides: KEY VALUE pairs after the flags (as tools/train_net.py) or after --opts.",
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="the model's config")
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="the model's config "
+                        "(a trained run's OUTPUT_DIR/config.yaml carries its classes and sizes)")
     parser.add_argument(
         "--input", nargs="+", help="images, videos, folders or glob patterns such as 'dir/*.jpg'"
     )
@@ -64,11 +89,97 @@ def get_parser() -> argparse.ArgumentParser:
         help="minimum score of the detections drawn (default 0.5)",
     )
     parser.add_argument(
-        "--opts", default=[], nargs=argparse.REMAINDER,
-        help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu",
+        "--opts", default=[], nargs="*", action="extend", metavar="KEY VALUE",
+        help="config overrides, e.g. MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu (Detectron2's "
+        "flag; the same pairs work without it, after the flags)",
     )
     # The class names drawn are those of DATASETS.TEST[0]: your own data's come from its json.
     return add_register_coco_argument(parser)
+
+
+#: A config key as typed on the command line: MODEL.WEIGHTS, DATASETS.TEST, ...
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
+def _is_flag(word: str) -> bool:
+    """A word argparse reads as an option: starts with "-" and is not a number."""
+    if not word.startswith("-") or word == "-":
+        return False
+    try:
+        float(word)
+    except ValueError:
+        return True
+    return False
+
+
+def _action(parser: argparse.ArgumentParser, flag: str):
+    """The action of ``flag`` (exact, or a unique prefix, as argparse allows), or None."""
+    actions = {o: a for a in parser._actions for o in a.option_strings}
+    if flag in actions:
+        return actions[flag]
+    found = {a for o, a in actions.items() if o.startswith("--") and o.startswith(flag)}
+    return found.pop() if len(found) == 1 else None
+
+
+def split_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """``argv`` as (the flags with their values, for ``parser.parse_args``; the trailing
+    ``KEY VALUE`` words). A flag anywhere, after ``--opts`` too, is that flag; ``--opts``
+    takes the words up to the next flag; ``--input``'s list ends at the next flag or at
+    the first word that is a config key (``MODEL.WEIGHTS``) and no file; every other
+    word is a config override, as for ``tools/train_net.py``."""
+    flags: List[str] = []
+    pairs: List[str] = []
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word == "--":  # what follows is overrides only
+            pairs += words[i:]
+            break
+        if not _is_flag(word):
+            pairs.append(word)
+            continue
+        flags.append(word)
+        action = _action(parser, word.split("=", 1)[0])
+        if action is None or "=" in word:  # unknown (argparse says so by name), or --flag=value
+            continue
+        nargs = action.nargs
+        if isinstance(nargs, int) or nargs is None:
+            n = 1 if nargs is None else nargs
+            flags += words[i:i + n]
+            i += n
+            continue
+        if nargs not in ("*", "+", "?"):  # REMAINDER / PARSER: not used here
+            continue
+        while i < len(words) and not _is_flag(words[i]):
+            if action.dest == "input" and _CONFIG_KEY.match(words[i]) and not os.path.exists(words[i]):
+                break
+            flags.append(words[i])
+            i += 1
+            if nargs == "?":
+                break
+    return flags, pairs
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The flags (parsed by :func:`get_parser`'s ``parse_args``: its errors and ``--help``),
+    and in ``opts`` every config override: the ``--opts`` pairs, then the trailing ones
+    (:func:`split_argv`)."""
+    parser = get_parser()
+    flags, pairs = split_argv(parser, sys.argv[1:] if argv is None else argv)
+    known = [o for a in parser._actions for o in a.option_strings]
+    for word in flags:
+        name = word.split("=", 1)[0]
+        if _is_flag(word) and not any(o.startswith(name) for o in known):
+            close = difflib.get_close_matches(name, known, n=1)
+            parser.error(
+                f"unrecognized argument {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                + ": not a flag of demo.py; config overrides are KEY VALUE pairs (MODEL.WEIGHTS FILE)"
+            )
+    args = parser.parse_args(flags)
+    args.opts = list(args.opts) + pairs
+    return args
 
 
 def setup(args):
@@ -76,21 +187,39 @@ def setup(args):
     if not 0.0 <= args.confidence_threshold <= 1.0:
         raise ConfigError(f"--confidence-threshold must lie in [0, 1], got {args.confidence_threshold}")
     cfg = setup_cfg(args.config_file, args.opts, freeze=False)  # no GPU: runs on the CPU, says so
-    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
+    # The model keeps detections down to MODEL_SCORE_FLOOR (Detectron2's evaluation
+    # threshold), so that the demo can say what scored below --confidence-threshold; those
+    # at or above it are the same as with the model's threshold set to it (the score
+    # filter comes before per-class NMS, which a lower-scoring box never wins, and the
+    # top-k keeps the highest scores), and only they are drawn.
+    model_threshold = min(args.confidence_threshold, MODEL_SCORE_FLOOR)
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = model_threshold
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = model_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold
     cfg.freeze()
     return cfg
 
 
+def _named(items, most: int = 8) -> str:
+    shown = ", ".join(f"{f} ({why})" for f, why in items[:most])
+    return shown + (f", and {len(items) - most} more" if len(items) > most else "")
+
+
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging()
     setup_logger(name="fvcore")
     inputs = list(args.input or []) + ([args.video_input] if args.video_input else [])
     if not inputs:
         raise ConfigError("give --input (images, folders, globs, videos) or --video-input")
-    files = expand_inputs(inputs)
+    files, skipped = expand_inputs(inputs)
+    files, bad = check_inputs(files)  # training's check, from the headers: before the model
+    skipped += bad
+    for f, why in skipped:
+        logger.warning(f"Skipped {f}: {why}")
+    given = len(files) + len(skipped)
+    if not files:
+        raise ConfigError(f"--input: none of the {given} input(s) can be used: {_named(skipped)}")
     outputs, folder = output_paths(files, args.output)
     register_coco_datasets(args.register_coco)
     cfg = setup(args)
@@ -98,20 +227,30 @@ def main(argv=None) -> int:
     check_num_classes(cfg, names[:1])
     if names:
         dataset_classes(names[0])  # the class names drawn (a --register-coco json's categories)
-    weights = resolve_weights(cfg, args.opts)
+    weights = resolve_weights(cfg, args.opts, config_file=args.config_file)
+    mismatch = trained_size_mismatch(cfg, weights)
+    if mismatch:
+        logger.warning(f"{mismatch}.")
     logger.info(f"Loading {weights}")
     predictor = Predictor(cfg, weights=weights)
-    records, skipped = run_on_files(predictor, files, outputs, threshold=args.confidence_threshold, logger=logger)
+    reasons = {}
+    records, unreadable = run_on_files(
+        predictor, files, outputs, threshold=args.confidence_threshold, logger=logger, reasons=reasons
+    )
+    skipped += [(f, reasons.get(f, "unreadable")) for f in unreadable]
     if folder is not None:
         atomic_write_json(
             os.path.join(folder, "predictions.json"),
-            {"weights": weights, "confidence_threshold": args.confidence_threshold,
-             "results": records, "skipped": skipped},
+            {"weights": weights, "confidence_threshold": args.confidence_threshold, "results": records,
+             "skipped": [{"file": f, "reason": why} for f, why in skipped]},
         )
     if skipped:
-        logger.warning(f"{len(skipped)} of {len(files)} input(s) could not be read and were skipped: {skipped}")
+        logger.warning(f"{len(skipped)} of {given} input(s) skipped: {_named(skipped)}")
     if not records:
-        raise ConfigError(f"--input: none of the {len(files)} input(s) could be read")
+        raise ConfigError(f"--input: none of the {given} input(s) could be used: {_named(skipped)}")
+    hint = no_detection_hint(records, args.confidence_threshold, cfg, mismatch)
+    if hint:
+        logger.warning(hint)
     return 0
 
 

@@ -3,29 +3,36 @@
 """Export a trained resnext_det detector to TorchScript or ONNX (the command line of
 Detectron2's ``tools/deploy/export_model.py``), and check it against the eager model.
 
+    # a model trained by tools/train_net.py: its run's OUTPUT_DIR/config.yaml carries what it
+    # was trained with (NUM_CLASSES, the INPUT.*_TEST sizes); model_final.pth beside it
+    .venv/bin/python tools/export_model.py --config-file output/mydata/config.yaml \\
+        --format onnx --output export/mydata --verify
     # TorchScript by tracing (default), checked on images of other sizes
-    python tools/export_model.py --config-file configs/COCO-Detection/faster_rcnn_X_50_32x4d_FPN_1x.yaml \\
+    .venv/bin/python tools/export_model.py --config-file configs/COCO-Detection/faster_rcnn_X_50_32x4d_FPN_1x.yaml \\
         --output export/frcn_ts --verify MODEL.WEIGHTS output/model_final.pth
     # ONNX (opset 17), run in onnxruntime by --verify
-    python tools/export_model.py --config-file ... --format onnx --output export/frcn_onnx --verify
+    .venv/bin/python tools/export_model.py --config-file ... --format onnx --output export/frcn_onnx --verify
     # TorchScript by scripting
-    python tools/export_model.py --config-file ... --export-method scripting --output export/frcn_script
+    .venv/bin/python tools/export_model.py --config-file ... --export-method scripting --output export/frcn_script
     # the Appendix B UnsharedRCNN (both networks) from the schedule's OUTPUT_DIR/model_final.pth
-    python tools/export_model.py --config-file configs/COCO-Detection/faster_rcnn_X_50_32x4d_C4_appendixB.yaml \\
+    .venv/bin/python tools/export_model.py --config-file configs/COCO-Detection/faster_rcnn_X_50_32x4d_C4_appendixB.yaml \\
         --format onnx --output export/appendixB --verify
     # latency of one image: eager fp32, fast path, TorchScript, onnxruntime
-    python tools/export_model.py --config-file configs/COCO-Detection/faster_rcnn_X_50_32x4d_FPN_1x.yaml \\
+    .venv/bin/python tools/export_model.py --config-file configs/COCO-Detection/faster_rcnn_X_50_32x4d_FPN_1x.yaml \\
         --benchmark --output export/bench MODEL.WEIGHTS ""
 
 Weights: ``MODEL.WEIGHTS`` when given after the flags; otherwise the config's trained
-model ``OUTPUT_DIR/model_final.pth``; otherwise the config's ``MODEL.WEIGHTS``. Loading
-is strict, as for evaluation. ``MODEL.WEIGHTS ""`` exports the randomly initialised
+model ``OUTPUT_DIR/model_final.pth``, or the one beside the config file (a run's
+config.yaml); otherwise the config's ``MODEL.WEIGHTS``. Loading is strict, as for
+evaluation. ``MODEL.WEIGHTS ""`` exports the randomly initialised
 model (with a warning), for smoke tests.
 
 ``--verify`` exits with status 1 when the exported model's boxes, scores, classes or
 masks differ from the eager model's past float tolerance. A combination that cannot be
 exported (or would compute another model, such as ONNX opset < 16 with ROIAlignV2), a
-bad config or weights end with one line on standard error and exit status 2
+bad config or weights, and ``--verify`` of an ONNX file without the onnxruntime package
+(the file is written; the line says it is not verified and how to install it) end with
+one line on standard error and exit status 2
 (``RESNEXT_DET_TRACEBACK=1`` adds the traceback). The work is done by
 :func:`resnext_det.export.run_export`; docs/deploy.md has the support table.
 """
@@ -42,7 +49,10 @@ def get_parser() -> argparse.ArgumentParser:
         description="Export a resnext_det model to TorchScript or ONNX.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
+    parser.add_argument(
+        "--config-file", required=True, metavar="FILE",
+        help="the model's config (a trained run's OUTPUT_DIR/config.yaml carries its classes and sizes)",
+    )
     parser.add_argument("--format", choices=FORMATS, default="torchscript", help="output format")
     parser.add_argument(
         "--export-method",

@@ -46,7 +46,14 @@ from .adapters import (
     sample_image,
     verification_images,
 )
-from .check import VerifyReport, compare_detections, eager_detections, load_exported, verify_export
+from .check import (
+    VerifyReport,
+    compare_detections,
+    eager_detections,
+    import_onnxruntime,
+    load_exported,
+    verify_export,
+)
 from .constants import (
     DEFAULT_OPSET,
     FORMATS,
@@ -77,6 +84,7 @@ __all__ = [
     "verification_images",
     "preprocess",
     "export_model",
+    "import_onnxruntime",
     "load_exported",
     "eager_detections",
     "compare_detections",

@@ -3,7 +3,7 @@
 outputs, and the images exports are made and checked on."""
 import logging
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -40,16 +40,17 @@ def export_config(cfg):
     return cfg
 
 
-def export_weights(cfg, opts: Sequence[str] = ()) -> str:
+def export_weights(cfg, opts: Sequence[str] = (), *, config_file: Optional[str] = None) -> str:
     """The checkpoint to export (:func:`resnext_det.inference.resolve_weights`:
     ``MODEL.WEIGHTS`` when given in ``opts``, else ``OUTPUT_DIR/model_final.pth``
-    when a training run or the Appendix B schedule wrote it, else the config's
+    when a training run or the Appendix B schedule wrote it, else the one beside
+    ``config_file`` (a run's ``OUTPUT_DIR/config.yaml``), else the config's
     ``MODEL.WEIGHTS``), or ``""`` when ``opts`` set ``MODEL.WEIGHTS ""``: the
     randomly initialised model, for smoke tests and CI."""
     pairs = dict(zip(list(opts)[::2], list(opts)[1::2]))
     if "MODEL.WEIGHTS" in pairs and not cfg.MODEL.WEIGHTS:
         return ""
-    return resolve_weights(cfg, opts)
+    return resolve_weights(cfg, opts, config_file=config_file)
 
 
 def build_eager_model(cfg, weights: str) -> nn.Module:

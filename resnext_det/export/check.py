@@ -12,12 +12,30 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import _meta_arch
-from .constants import TOLERANCES
+from .constants import TOLERANCES, ExportError
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------- run, verify
+def import_onnxruntime():
+    """The ``onnxruntime`` module, which runs ONNX files (``--verify``, ``--benchmark``).
+
+    Raises:
+        ExportError: it cannot be imported; the message names the package and how to
+            install it (it is in requirements.txt and the package's ``export`` extra).
+    """
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ExportError(
+            f"running an ONNX file needs the onnxruntime package, which cannot be imported here ({e}): "
+            "install it with `.venv/bin/pip install onnxruntime` (`pip install onnxruntime` in "
+            "another environment)"
+        ) from e
+    return onnxruntime
+
+
 def load_exported(
     path: str, *, threads: Optional[int] = None, device: str = "cpu"
 ) -> Callable[[Tensor], Dict[str, Tensor]]:
@@ -30,8 +48,7 @@ def load_exported(
         with open(info_file) as f:
             names = tuple(json.load(f)["outputs"])
     if path.endswith(".onnx"):
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

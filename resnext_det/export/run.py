@@ -10,9 +10,10 @@ import torch
 
 from ..engine import setup_cfg
 from ..errors import MissingFileError
+from ..inference import trained_size_mismatch
 from ..utils.io import atomic_write_json
 from .adapters import build_eager_model, export_config, export_weights, preprocess, sample_image, verification_images
-from .check import verify_export
+from .check import import_onnxruntime, verify_export
 from .constants import DEFAULT_OPSET, ExportError
 from .exporter import export_model
 from .latency import benchmark_latency, benchmark_table
@@ -62,7 +63,10 @@ def run_export(
             print_fn(line)
         return 0
     ecfg = export_config(cfg)
-    weights = export_weights(cfg, opts)
+    weights = export_weights(cfg, opts, config_file=config_file)
+    mismatch = trained_size_mismatch(cfg, weights)
+    if mismatch:  # export.json records the sizes the application must resize to
+        logger.warning(f"{mismatch}.")
     model = build_eager_model(ecfg, weights)
     x = preprocess(ecfg, image)
     result = export_model(model, x, output, format=format, method=method, opset=opset, cfg=ecfg)
@@ -73,6 +77,14 @@ def run_export(
     )
     if not verify:
         return 0
+    if format == "onnx":
+        try:
+            import_onnxruntime()
+        except ExportError as e:
+            raise ExportError(
+                f"--verify: {result.path} was written but not verified: {e}, then rerun the same "
+                "command (or leave out --verify)"
+            ) from e
     images = [preprocess(ecfg, v) for v in verification_images(image)]
     report = verify_export(model, result.path, images)
     runtime = "onnxruntime" if format == "onnx" else "torch"
