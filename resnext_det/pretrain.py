@@ -26,16 +26,21 @@ Only training images are used (crops of ``shapes_train``); the accuracy reported
 is on crops of ``shapes_val``, the demo's analogue of ImageNet top-1.
 
 The run is resumable: a checkpoint (model, optimizer, iteration, the sampler's
-random state) is written atomically every ``checkpoint_period`` iterations and
-a rerun continues from it; a finished run (``pretrain_done.json``) is reused.
+random state) is written atomically every ``checkpoint_period`` iterations, and
+when Ctrl-C stops the loop (it stops at the end of the iteration under way, saves
+it, and raises :class:`~resnext_det.errors.Interrupted`); a rerun continues from
+it; a finished run (``pretrain_done.json``) is reused.
 """
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,7 +50,7 @@ from .checkpoint import convert_weights, save_converted
 from .fast.amp import cpu_has_fast_bf16
 from .modeling.spec import ResNeXtSpec
 from .utils.io import atomic_write, atomic_write_json
-from .errors import ConfigError, MissingFileError
+from .errors import ConfigError, Interrupted, MissingFileError
 
 #: Stage 0's folder inside the detector's OUTPUT_DIR (``make demo``).
 STAGE0_DIR = "stage0_pretrain"
@@ -314,6 +319,28 @@ def read_pretrain_marker(output_dir: str) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
+@contextlib.contextmanager
+def _ctrl_c_at_iteration_end() -> Iterator[List[int]]:
+    """Inside: Ctrl-C (``SIGINT``) is recorded in the yielded list instead of raising at
+    once, so that the loop stops at the end of an iteration, with a consistent state to
+    save (a ``KeyboardInterrupt`` in the middle of ``optimizer.step()`` would leave half
+    of the weights updated). Again and again is the same as once. Outside the main
+    thread (no signal handlers there) and where SIGINT is ignored, nothing changes."""
+    got: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield got
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ----------------------------------------------------------------------------- main
 def pretrain_shapes_classifier(
     settings: PretrainSettings,
@@ -374,49 +401,55 @@ def pretrain_shapes_classifier(
             rng.bit_generator.state = ck["rng"]
             torch.set_rng_state(ck["torch_rng"])
             start, seconds_before = int(ck["iter"]), float(ck.get("seconds", 0.0))
-            logger.info(f"Stage 0: resuming from iteration {start} ({ckpt_path})")
         else:
             logger.warning(f"Stage 0: {ckpt_path} has other settings: starting over")
     bf16 = settings.bf16 and cpu_has_fast_bf16()
-    logger.info(
-        f"Stage 0 (ImageNet stand-in): torchvision ResNeXt {list(settings.stage_blocks)} "
-        f"{settings.cardinality}x{settings.bottleneck_width}d classifier on {settings.crop_size}px crops "
-        f"of {train_dataset}, {settings.iters} iterations x {settings.batch_size}, "
-        f"{'bf16 autocast' if bf16 else 'fp32'}"
-    )
-
     model.train()
-    t_run = time.perf_counter()
     losses: List[float] = []
-    for it in range(start, settings.iters):
-        crops, labels = data.sample(settings.batch_size, rng)
-        x, y = _to_tensor(crops), torch.from_numpy(labels)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(it, settings)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Stage 0: loss is {loss.item()} at iteration {it}: lower the pretraining base_lr "
-                f"(now {settings.base_lr})."
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        n = it + 1
-        if n % log_period == 0 or n == settings.iters:
-            acc = float((logits.detach().float().argmax(1) == y).float().mean()) * 100
-            logger.info(f"Stage 0: iter {n}/{settings.iters}  loss {np.mean(losses[-log_period:]):.4f}  "
-                        f"batch accuracy {acc:.1f}%  lr {opt.param_groups[0]['lr']:.4g}")
-        if n % checkpoint_period == 0 and n < settings.iters:
-            state = {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "iter": n,
-                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "settings": want,
-                "seconds": seconds_before + time.perf_counter() - t_run,
-            }
-            atomic_write(ckpt_path, lambda f: torch.save(state, f))
+    with _ctrl_c_at_iteration_end() as ctrl_c:  # from the first line that says it runs
+        if start:
+            logger.info(f"Stage 0: resuming from iteration {start} ({ckpt_path})")
+        logger.info(
+            f"Stage 0 (ImageNet stand-in): torchvision ResNeXt {list(settings.stage_blocks)} "
+            f"{settings.cardinality}x{settings.bottleneck_width}d classifier on {settings.crop_size}px crops "
+            f"of {train_dataset}, {settings.iters} iterations x {settings.batch_size}, "
+            f"{'bf16 autocast' if bf16 else 'fp32'}"
+        )
+        t_run = time.perf_counter()
+        for it in range(start, settings.iters):
+            crops, labels = data.sample(settings.batch_size, rng)
+            x, y = _to_tensor(crops), torch.from_numpy(labels)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(it, settings)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
+            if not torch.isfinite(loss):
+                raise ConfigError(
+                    f"Stage 0: loss is {loss.item()} at iteration {it}: lower the pretraining learning rate "
+                    f"(tools/pretrain_shapes.py --lr, PretrainSettings.base_lr; now {settings.base_lr})."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            n = it + 1
+            if n % log_period == 0 or n == settings.iters:
+                acc = float((logits.detach().float().argmax(1) == y).float().mean()) * 100
+                logger.info(f"Stage 0: iter {n}/{settings.iters}  loss {np.mean(losses[-log_period:]):.4f}  "
+                            f"batch accuracy {acc:.1f}%  lr {opt.param_groups[0]['lr']:.4g}")
+            if ctrl_c or (n % checkpoint_period == 0 and n < settings.iters):
+                state = {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "iter": n,
+                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "settings": want,
+                    "seconds": seconds_before + time.perf_counter() - t_run,
+                }
+                atomic_write(ckpt_path, lambda f: torch.save(state, f))
+            if ctrl_c:
+                raise Interrupted(
+                    f"at iteration {n} of {settings.iters} (stage 0: pretraining; saved in {ckpt_path})",
+                    "rerun the same command to continue from there",
+                )
 
     val_acc = _accuracy(model, *val, bf16=bf16) if val is not None else None
     if val_acc is not None:

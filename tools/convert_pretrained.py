@@ -29,16 +29,18 @@ import sys
 from resnext_det.checkpoint import (
     CONVENTIONS,
     FORMATS,
-    CheckpointReadError,
     ConversionError,
     config_pairs,
     config_yaml,
     convert_weights,
     format_opts,
+    is_source_name,
     max_relative_error,
+    resolve_source,
     save_converted,
     verify_conversion,
 )
+from resnext_det.engine.cli import run_tool
 from resnext_det.presets import PRESETS
 from resnext_det.utils.io import atomic_write_text
 
@@ -120,6 +122,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    if is_source_name(args.input):
+        src = resolve_source(args.input)  # an unknown name: WeightsSourceError, one line
+        raise ConversionError(
+            f"{args.input!r} is a weights name, not a file: set MODEL.WEIGHTS {args.input} (downloaded, "
+            f"checked and converted on first use, see docs/weights.md), or download {src.url} and "
+            f"convert that file"
+        )
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ConversionError("OUTPUT must differ from INPUT")
     base = None
@@ -201,11 +210,7 @@ def main(argv=None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    try:
-        return run(args)
-    except (ConversionError, CheckpointReadError) as e:
-        print(f"convert_pretrained.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: run(args), "convert_pretrained.py")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,16 @@ it as torchvision weights and convert it for ``MODEL.WEIGHTS``.
 
 The architecture (depth, C, d) is the config's ``MODEL.RESNEXT``; the output
 folder defaults to ``OUTPUT_DIR/stage0_pretrain``. A finished folder is reused; an
-interrupted one resumes. See :mod:`resnext_det.pretrain`.
+interrupted one resumes (Ctrl-C saves the iteration under way and says so in one
+line). Errors end in one line naming the fix, exit status 2. See
+:mod:`resnext_det.pretrain`.
 """
 import argparse
 import os
 import sys
 
 from resnext_det.data import add_register_coco_argument, register_coco_datasets
+from resnext_det.engine.cli import run_tool
 from resnext_det.pretrain import STAGE0_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +82,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f"pretrain_shapes.py: error: {e}")
+    sys.exit(run_tool(main, "pretrain_shapes.py"))

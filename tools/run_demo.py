@@ -15,8 +15,9 @@ configs/quickstart/<demo config> MODEL.WEIGHTS <stage 0's file>`` (a subprocess;
 log goes to the console and to ``OUTPUT_DIR/log.txt``), which fine-tunes an RPN
 (stage 1), writes its proposals (stage 2), fine-tunes a Fast R-CNN with its own
 backbone on them (stage 3) and evaluates both, end to end, on ``shapes_val``
-(stage 4). Rerunning skips finished stages and resumes an interrupted one. Then it
-writes into the output folder (default ``output/demo``):
+(stage 4). Rerunning skips finished stages and resumes an interrupted one (Ctrl-C
+ends the run with one line saying where it stopped; stage 0 saves the iteration it
+was in). Then it writes into the output folder (default ``output/demo``):
 
 * ``final_results.json``: COCO bbox metrics of the end-to-end model on shapes_val,
   ``{"bbox": {"AP": ..., "AP50": ..., ...}}`` with Detectron2's key names (``null``
@@ -36,11 +37,15 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from resnext_det.engine.cli import INTERRUPT_NOTE_ENV, INTERRUPTED_EXIT, run_tool
+from resnext_det.errors import ConfigError, Interrupted
 from resnext_det.utils.io import atomic_write_json, atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +100,7 @@ def schedule_overrides(cfg, *, rpn_iters: Optional[int], fast_rcnn_iters: Option
         if iters is None:
             continue
         if iters < 1:
-            raise ValueError(f"--{node.lower().replace('_', '-')}-iters must be >= 1, got {iters}")
+            raise ConfigError(f"--{node.lower().replace('_', '-')}-iters must be >= 1, got {iters}")
         s = cfg.UNSHARED[node]
         steps = _scaled_steps(s.STEPS, s.MAX_ITER, iters)
         opts += [f"UNSHARED.{node}.MAX_ITER", str(iters),
@@ -114,20 +119,70 @@ def _env() -> Dict[str, str]:
     return env
 
 
-def _run_tool(script: str, args: Sequence[str], log_dir: str, *, quiet: bool) -> int:
-    """``python tools/<script> *args`` from the repository root; raises, pointing at
-    ``log_dir/log.txt``, when it fails. Returns its exit status (0)."""
+class StageFailed(Exception):
+    """A stage's tool ended with an error it has already printed (its one line, or its
+    traceback): the demo ends with the same exit status and no message of its own."""
+
+    def __init__(self, returncode: int):
+        super().__init__(returncode)
+        self.returncode = returncode
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """After Ctrl-C here: wait for the tool to stop. A Ctrl-C typed in the terminal reached
+    it too (stage 0 finishes its iteration and saves it); a SIGINT sent to this process
+    alone is passed on after a few seconds; Ctrl-C again, or a minute more, kills it."""
+    for sig, wait in ((None, 5.0), (signal.SIGINT, 60.0), (signal.SIGKILL, None)):
+        if sig is not None and proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            proc.communicate(timeout=wait)
+            return
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            continue
+
+
+def _run_tool(script: str, args: Sequence[str], log_dir: str, *, quiet: bool, stage: str) -> int:
+    """``python tools/<script> *args`` from the repository root. Returns its exit status
+    (0). Ctrl-C raises :class:`Interrupted` with what the tool says of where it stopped
+    (``stage`` names it when it says nothing); an error it printed raises
+    :class:`StageFailed`."""
     cmd = [sys.executable, os.path.join(TOOLS, script), *args]
     print("+ " + " ".join(cmd), flush=True)
     kw = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) if quiet else {}
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), **kw)
-    if r.returncode != 0:
-        tail = ("\n" + r.stderr[-4000:]) if quiet and r.stderr else ""
-        raise RuntimeError(
-            f"tools/{script} failed (exit status {r.returncode}); see its log in "
-            f"{os.path.join(log_dir, 'log.txt')}. Rerun `make demo` to resume.{tail}"
-        )
-    return r.returncode
+    with tempfile.TemporaryDirectory(prefix="run_demo-") as tmp:
+        note = os.path.join(tmp, "interrupted.json")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(_env(), **{INTERRUPT_NOTE_ENV: note}), **kw)
+        try:
+            _, err = proc.communicate()
+        except KeyboardInterrupt:
+            _stop(proc)
+            raise _interrupted(note, stage) from None
+        if proc.returncode in (INTERRUPTED_EXIT, -signal.SIGINT):  # a SIGINT that reached it alone
+            raise _interrupted(note, stage)
+    if proc.returncode != 0:
+        if quiet and err:
+            sys.stderr.write(err[-4000:])
+        if proc.returncode != 2:  # 2: its one line said what to fix
+            print(f"run_demo.py: tools/{script} failed (exit status {proc.returncode}); its log is "
+                  f"{os.path.join(log_dir, 'log.txt')}. Rerun the same command to resume.", file=sys.stderr)
+        raise StageFailed(proc.returncode)
+    return proc.returncode
+
+
+def _interrupted(note: str, stage: str) -> Interrupted:
+    """The demo's Ctrl-C: where the interrupted tool says it stopped and how to continue
+    (``note``, see :data:`INTERRUPT_NOTE_ENV`; rerunning the demo reruns that tool), or
+    ``stage`` when it could not say."""
+    try:
+        with open(note) as f:
+            said = json.load(f)
+    except (OSError, ValueError):
+        said = {}
+    if said.get("where"):
+        return Interrupted(said["where"], said.get("how") or "rerun the same command to continue")
+    return Interrupted(f"in {stage}", "rerun the same command to continue: finished stages are skipped, and an "
+                                      "interrupted one resumes from its last checkpoint")
 
 
 def run_pretrain_subprocess(config_file: str, output_dir: str, opts: Sequence[str], *,
@@ -140,7 +195,7 @@ def run_pretrain_subprocess(config_file: str, output_dir: str, opts: Sequence[st
     args = ["--config-file", config_file, "--output-dir", folder]
     if iters is not None:
         args += ["--iters", str(iters)]
-    _run_tool("pretrain_shapes.py", [*args, *opts], folder, quiet=quiet)
+    _run_tool("pretrain_shapes.py", [*args, *opts], folder, quiet=quiet, stage="stage 0: pretraining")
     done = read_pretrain_marker(folder)
     if done is None:
         raise RuntimeError(f"tools/pretrain_shapes.py ended without {folder}/pretrain_done.json")
@@ -150,7 +205,7 @@ def run_pretrain_subprocess(config_file: str, output_dir: str, opts: Sequence[st
 def run_schedule_subprocess(config_file: str, output_dir: str, opts: Sequence[str], *, quiet: bool = False) -> None:
     """``tools/train_net.py --config-file config_file OUTPUT_DIR output_dir *opts``."""
     _run_tool("train_net.py", ["--config-file", config_file, "OUTPUT_DIR", output_dir, *opts], output_dir,
-              quiet=quiet)
+              quiet=quiet, stage="the Appendix B schedule")
 
 
 # ----------------------------------------------------------------------------- results
@@ -278,14 +333,12 @@ def _check_request(output_dir: str, request: Dict[str, Any], fresh: bool) -> Non
         with open(path) as f:
             old = json.load(f)
         if old != request:
-            raise SystemExit(
-                f"run_demo.py: {output_dir} holds a demo run with other settings\n  before: {old}\n"
-                f"  now:    {request}\nRerun with --fresh to start over there, or choose "
-                "another --output-dir."
+            raise ConfigError(
+                f"{output_dir} holds a demo run with other settings (before: {old}; now: {request}): "
+                "rerun with --fresh to start over there, or choose another --output-dir."
             )
     elif os.path.isdir(output_dir) and any(n.startswith("stage") for n in os.listdir(output_dir)):
-        raise SystemExit(f"run_demo.py: {output_dir} holds stages of another run: use --fresh or "
-                         "another --output-dir.")
+        raise ConfigError(f"{output_dir} holds stages of another run: use --fresh or another --output-dir.")
     atomic_write_json(path, request)
 
 
@@ -310,17 +363,29 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The demo; returns its exit status (1: the target was missed; a stage's own on failure)."""
+    try:
+        return _main(argv)
+    except StageFailed as e:
+        return e.returncode
+    except KeyboardInterrupt as e:  # between the stages' tools: nothing of a stage is lost
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted("", "rerun the same command to continue: finished stages are skipped") from e
+
+
+def _main(argv=None) -> int:
     t_start = time.perf_counter()
     args = get_parser().parse_args(argv)
     os.chdir(ROOT)
     os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
     if args.num_images < 0:
-        raise SystemExit("run_demo.py: --num-images must be >= 0")
+        raise ConfigError(f"--num-images must be >= 0, got {args.num_images}")
     opts = list(args.opts)
     if opts[:1] == ["--"]:
         opts = opts[1:]
     if len(opts) % 2:
-        raise SystemExit(f"run_demo.py: config overrides come in KEY VALUE pairs, got {opts}")
+        raise ConfigError(f"config overrides come in KEY VALUE pairs, got {opts}: add the last one's value or remove it")
 
     from detectron2.utils.logger import setup_logger
 
@@ -330,8 +395,8 @@ def main(argv=None) -> int:
 
     base = setup_cfg(args.config_file, opts)
     if not base.UNSHARED.ENABLED:
-        raise SystemExit(f"run_demo.py: {args.config_file} does not enable UNSHARED.ENABLED (the "
-                         "Appendix B schedule the demo runs).")
+        raise ConfigError(f"{args.config_file} does not enable UNSHARED.ENABLED (the Appendix B schedule the "
+                          "demo runs): use a configs/quickstart/*appendixB.yaml config")
     opts += schedule_overrides(base, rpn_iters=args.rpn_iters, fast_rcnn_iters=args.fast_rcnn_iters)
     if args.seed is not None:
         opts += ["SEED", str(args.seed)]
@@ -400,4 +465,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "run_demo.py"))

@@ -15,7 +15,11 @@ from ``MODEL.WEIGHTS`` it refuses:
   ``roi_heads.res5``) that the file would leave at its random initialisation.
 
 Resuming from ``OUTPUT_DIR/last_checkpoint`` loads as Detectron2 does.
+:func:`weights_file` gives the file ``MODEL.WEIGHTS`` loads (a name fetched into the
+cache): an entry point calls it before a run starts, so that a missing file or a name
+that cannot be downloaded ends the run before anything else is logged.
 """
+import difflib
 import logging
 import os
 import re
@@ -51,6 +55,7 @@ __all__ = [
     "attach_weights_record",
     "backbone_targets",
     "classify_checkpoint",
+    "weights_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +91,97 @@ def backbone_targets(model: torch.nn.Module) -> List[Tuple[str, str]]:
         elif isinstance(m, Res5ROIHeads):
             out.append((prefix + "res5.", "res5."))
     return out
+
+
+def _missing_weights(path: str, require: str) -> str:
+    """What to do about ``MODEL.WEIGHTS = path`` that does not exist: the files of its
+    folder whose names are close to it, then what the run needs (evaluation: a trained
+    detector; fine-tuning: also a converted backbone, or nothing)."""
+    folder = os.path.dirname(path) or "."
+    try:
+        here = [f for f in os.listdir(folder) if f.endswith((".pth", ".pkl", ".pt", ".pyth"))]
+    except OSError:
+        here = []
+    near = difflib.get_close_matches(os.path.basename(path), here, n=2, cutoff=0.7)
+    near = [os.path.join(os.path.dirname(path), f) for f in near]
+    hint = f" (did you mean {' or '.join(repr(f) for f in near)}?)" if near else ""
+    if require == "all":
+        fix = (
+            "Evaluation needs a trained detector: point MODEL.WEIGHTS at its checkpoint (the "
+            "model_final.pth a training run writes in its OUTPUT_DIR), or pass --resume with "
+            "OUTPUT_DIR set to that run's folder to evaluate its last checkpoint."
+        )
+    else:
+        fix = (
+            "Point MODEL.WEIGHTS at a backbone converted by tools/convert_pretrained.py or at a "
+            "detector checkpoint (model_final.pth), or set MODEL.WEIGHTS '' to train from scratch."
+        )
+    return f"MODEL.WEIGHTS = {path!r}: no such file{hint}. {fix}"
+
+
+def weights_file(path: str, *, require: str = "backbone") -> str:
+    """The local file that ``MODEL.WEIGHTS = path`` loads: a name (``torchvision://``,
+    ``timm://``, ..., ``https://``) from the cache, downloaded, checked and converted
+    there the first time (:func:`~resnext_det.checkpoint.sources.fetch_weights`); a path
+    as it is; "" as it is (no weights).
+
+    Args:
+        path: ``MODEL.WEIGHTS``.
+        require: as :class:`ResNeXtCheckpointer`: "all" (evaluation) or "backbone"; it
+            decides what the message for a missing file advises.
+
+    Raises:
+        MissingFileError: ``path`` is not a file; the message says what to point it at.
+        WeightsSourceError: a name that cannot be resolved or downloaded (offline: one
+            line naming the URL and the command that converts the file by hand).
+    """
+    if is_source_name(path):  # torchvision://, timm://, ...: downloaded once, converted, cached
+        return fetch_weights(path)
+    if path and "://" not in path and not os.path.isfile(path):
+        raise MissingFileError(_missing_weights(path, require))
+    return path
+
+
+def _not_weights(what: str, data) -> str:
+    """The message for a file that PyTorch reads but that holds no dict of weights."""
+    if isinstance(data, torch.Tensor):
+        content = f"one tensor of shape {tuple(data.shape)}"
+    elif isinstance(data, (list, tuple)):
+        content = f"a {type(data).__name__} of {len(data)} item(s)"
+    else:
+        content = f"a {type(data).__name__}"
+    return (
+        f"{what} is not a checkpoint: it holds {content}, not a dict of named weights (MODEL.WEIGHTS "
+        "takes a model_final.pth of a training run, a backbone converted by tools/convert_pretrained.py, "
+        "or a Detectron2 model-zoo .pkl)"
+    )
+
+
+def _unreadable(path: str, error: BaseException, what: str) -> str:
+    """The message for a file that PyTorch cannot read: the reader's own error where it
+    describes the file (pickle's "invalid load key", a zip without its directory), but
+    not an unpickler's inner state (``IndexError: pop from empty list``, ``KeyError: 101``
+    on random bytes) nor PyTorch's advice to load with ``weights_only=False`` (no weights
+    file here runs code when read)."""
+    text = str(error)
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if size == 0:
+        kind = "the file is empty"
+    elif m:
+        kind = (
+            f"it pickles Python objects ({m.group(1)}), not only tensors, and no weights file runs code "
+            "when read: save a dict of tensors instead (torch.save(model.state_dict(), path))"
+        )
+    elif isinstance(error, (IndexError, KeyError)) or "Weights only load failed" in text:
+        kind = "its content is neither a PyTorch checkpoint (a zip archive) nor a pickle of tensors"
+    else:
+        return describe_read_failure(path, error, what=what)
+    return (
+        f"{what} ({size} bytes) is not a readable checkpoint: {kind}. It is truncated (an "
+        "interrupted download or copy: compare its size and sha256 with the source) or not a "
+        "weight file at all."
+    )
 
 
 def _required(keys, prefixes) -> List[str]:
@@ -152,10 +248,19 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
         """Resume from ``save_dir``'s last checkpoint as Detectron2 does, or load
         ``path`` strictly. A ``last_checkpoint`` that names a missing or unreadable
         file (written by a version that did not write atomically, a disk that filled
-        up, a file deleted by hand) falls back to the newest complete checkpoint of
-        ``save_dir``, with a warning; with none, a one-line error says what to do."""
+        up, a file deleted by hand), or that is empty, falls back to the newest complete
+        checkpoint of ``save_dir``, with a warning; with none, a one-line error says what
+        to do."""
         if not (resume and self.has_checkpoint()):
             return self.load(path, checkpointables=[])
+        last = self._last_name()
+        if not last or not os.path.isfile(os.path.join(self.save_dir, last)):
+            logger.warning(
+                "%s %s: resuming from the newest complete checkpoint of %s instead.",
+                os.path.join(self.save_dir, "last_checkpoint"),
+                f"names {last!r}, which does not exist" if last else "is empty",
+                self.save_dir,
+            )
         self._validate = False
         try:
             for candidate in self._resume_candidates():
@@ -195,14 +300,7 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, checkpointables=None):
         name = path
-        if is_source_name(path):  # torchvision://, timm://, ...: downloaded once, converted, cached
-            path = fetch_weights(path)
-        if path and "://" not in path and not os.path.isfile(path):
-            raise MissingFileError(
-                f"MODEL.WEIGHTS = {path!r}: no such file. Point MODEL.WEIGHTS at a backbone "
-                "converted by tools/convert_pretrained.py or at a detector checkpoint "
-                "(model_final.pth), or set MODEL.WEIGHTS '' to train from scratch."
-            )
+        path = weights_file(path, require=self.require)
         self._path = name
         try:
             return super().load(path, checkpointables)
@@ -245,14 +343,19 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
         except CheckpointReadError:
             raise
         except _READ_ERRORS as e:
-            raise CheckpointReadError(describe_read_failure(filename, e, what=what)) from e
+            raise CheckpointReadError(_unreadable(filename, e, what)) from e
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-            raise CheckpointReadError(f"{what} is not a checkpoint: it holds no dict of weights")
+            raise CheckpointReadError(_not_weights(what, data.get("model") if isinstance(data, dict) else data))
         return data
 
     def _torch_load(self, f: str):
-        """No code runs: see :func:`~resnext_det.checkpoint.readers.torch_load_weights`."""
-        return torch_load_weights(f)
+        """No code runs: see :func:`~resnext_det.checkpoint.readers.torch_load_weights`.
+        Anything but a dict (a tensor, a list) is refused here, before Detectron2 looks
+        for its ``"model"`` entry."""
+        data = torch_load_weights(f)
+        if not isinstance(data, dict):
+            raise CheckpointReadError(_not_weights(f"MODEL.WEIGHTS = {self._path or f!r}", data))
+        return data
 
     # -- loading -------------------------------------------------------------
     def _load_model(self, checkpoint):
@@ -351,8 +454,7 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
         scope = "backbone tensors" if backbone else "model tensors"
         raise WeightsConfigError(
             f"{what} would leave {len(missing) + len(shapes)} of the {len(required)} {scope} at "
-            f"their random initialisation: " + "; ".join(parts) + ". Detectron2 would only warn "
-            "and train on them; fix MODEL.WEIGHTS or the config."
+            f"their random initialisation: " + "; ".join(parts) + ". Fix MODEL.WEIGHTS or the config."
         )
 
 

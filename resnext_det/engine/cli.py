@@ -1,36 +1,60 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
-"""What ``tools/train_net.py`` runs, and how every tool ends on a user error.
+"""What ``tools/train_net.py`` runs, and how every tool ends on a user error or Ctrl-C.
 
 :func:`run_tool` turns a :class:`~resnext_det.errors.UserError` (a config value,
 a weights file, a path: the message names the fix) into one line on standard
-error and exit status 2; any other exception is a bug or a machine failure and
-keeps its traceback. ``RESNEXT_DET_TRACEBACK=1`` shows the traceback of user
-errors too.
+error and exit status 2, and Ctrl-C (``KeyboardInterrupt``) into one line saying
+where the work stopped and how to continue, and exit status 130; any other
+exception is a bug or a machine failure and keeps its traceback.
+``RESNEXT_DET_TRACEBACK=1`` shows the traceback of user errors and Ctrl-C too.
+
+:func:`main` refuses what it can find wrong before it starts (config keys and
+values, ``NUM_CLASSES`` against the datasets, ``MODEL.WEIGHTS`` that is missing or
+cannot be downloaded) before Detectron2's ``default_setup`` logs the environment
+and the whole config: the line that ends such a run is the only thing it prints.
 """
 import argparse
+import contextlib
 import errno
+import json
 import logging
+import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser
+from detectron2.engine import TrainerBase, default_argument_parser
 from detectron2.evaluation import verify_results
 
+from ..checkpoint import is_source_name
+from ..checkpoint.loading import weights_file
+from ..data import check_datasets
 from ..data.custom import add_register_coco_argument, check_num_classes, register_coco_datasets
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, Interrupted, UserError
 from ..inference import build_inference_model
-from ..unshared import STAGES, run_schedule
+from ..unshared import STAGE_DIRS, STAGES, run_schedule
 from .launch import add_cluster_arguments, check_shared_output_dir, launch_main, log_placement
-from .setup import setup_cfg
+from .setup import read_cfg, setup_logging, setup_run
 from .trainer import Trainer
 
 
-__all__ = ["argument_parser", "main", "cli", "launch_main", "run_tool"]
+__all__ = [
+    "INTERRUPTED_EXIT", "INTERRUPT_NOTE_ENV", "argument_parser", "main", "cli", "launch_main", "run_tool",
+]  # fmt: skip
+
+#: The exit status of a tool stopped by Ctrl-C: 128 + SIGINT, the shell's convention.
+INTERRUPTED_EXIT = 128 + int(signal.SIGINT)
+#: Set by a tool that runs another one as a subprocess (``tools/run_demo.py``): on Ctrl-C
+#: the inner tool writes where it stopped and how to continue into this file (JSON, keys
+#: "where" and "how") instead of printing it, and the outer tool says it in its own line.
+INTERRUPT_NOTE_ENV = "RESNEXT_DET_INTERRUPT_NOTE"
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -48,17 +72,57 @@ def _datasets_used(cfg, args: argparse.Namespace):
     return list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
 
 
+def _loads_weights(cfg, args: argparse.Namespace) -> bool:
+    """Whether this run loads ``MODEL.WEIGHTS``: not when it resumes from a checkpoint of
+    ``OUTPUT_DIR`` (``--resume``), nor, in the Appendix B schedule, when every training
+    stage it runs has a checkpoint of its own to resume from (a finished one too)."""
+    if not cfg.MODEL.WEIGHTS:
+        return False
+    if args.eval_only or not cfg.UNSHARED.ENABLED:
+        return not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")))
+    stages = [s for s in ("rpn", "fast_rcnn") if getattr(args, "stage", None) in (None, s)]
+    return any(not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, STAGE_DIRS[s], "last_checkpoint")) for s in stages)
+
+
+def _check_weights(cfg, args: argparse.Namespace) -> None:
+    """``MODEL.WEIGHTS`` where this run loads it: a missing file, or a name that cannot be
+    resolved or downloaded (offline), ends the run here in one line. A name is fetched
+    now (downloaded once, checked, converted, cached, its lines logged), and the model
+    later loads the cached file."""
+    if not _loads_weights(cfg, args):
+        return
+    if is_source_name(cfg.MODEL.WEIGHTS):
+        setup_logging(cfg.OUTPUT_DIR)  # the download's lines, on the console and in log.txt
+    weights_file(cfg.MODEL.WEIGHTS, require="all" if args.eval_only else "backbone")
+
+
 def main(args: argparse.Namespace):
     """Train (plain Detectron2 training, or the Appendix B schedule when
     ``UNSHARED.ENABLED``) or, with ``--eval-only``, evaluate ``MODEL.WEIGHTS``.
     Runs in every launched process: the ``--register-coco`` datasets are registered
-    here, since spawned workers start with empty catalogs."""
+    here, since spawned workers start with empty catalogs. Ctrl-C ends it with
+    :class:`~resnext_det.errors.Interrupted`: where it stopped, how to continue."""
     register_coco_datasets(getattr(args, "register_coco", None))
-    cfg = setup_cfg(args.config_file, args.opts, args=args)
+    cfg = read_cfg(args.config_file, args.opts)  # config keys and values
+    # Before the dump: what ends the run here is all it prints (Detectron2's default_setup,
+    # below, logs the environment and the whole config: hundreds of lines).
+    datasets = _datasets_used(cfg, args)
+    check_num_classes(cfg, datasets)  # before any model or data loader is built
+    setup_logging(cfg.OUTPUT_DIR)  # the dataset check's lines, on the console and in log.txt
+    check_datasets(datasets)  # json, categories, image files: missing ones counted, most missing refused
+    if getattr(args, "stage", None) and not cfg.UNSHARED.ENABLED:
+        raise ConfigError("--stage is for the Appendix B schedule: set UNSHARED.ENABLED True")
+    _check_weights(cfg, args)  # missing, or a name that cannot be downloaded
+    cfg = setup_run(cfg, args)  # the dump, OUTPUT_DIR/config.yaml, logging
     log_placement()  # torchrun, SLURM or Detectron2's launch; world size; the layout
     check_shared_output_dir(cfg.OUTPUT_DIR)  # before any resume: one folder for every process
-    check_num_classes(cfg, _datasets_used(cfg, args))  # before any model or data loader is built
+    try:
+        return _run(cfg, args)
+    except KeyboardInterrupt as e:
+        raise _interruption(e, cfg, args) from e
 
+
+def _run(cfg, args: argparse.Namespace):
     if args.eval_only:
         # Strict: refuses weights that leave any tensor random or disagree with the config.
         model = build_inference_model(cfg, resume=args.resume, save_dir=cfg.OUTPUT_DIR)
@@ -69,21 +133,79 @@ def main(args: argparse.Namespace):
 
     if cfg.UNSHARED.ENABLED:  # Appendix B: RPN, proposals, Fast R-CNN, evaluation
         return run_schedule(cfg, stage=getattr(args, "stage", None), cli_opts=args.opts)
-    if getattr(args, "stage", None):
-        raise ConfigError("--stage is for the Appendix B schedule: set UNSHARED.ENABLED True")
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
-def _check_processes(args: argparse.Namespace) -> None:
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C: where the work stopped, and how to continue
+# ---------------------------------------------------------------------------------------------
+def _frames(error: BaseException) -> Iterator:
+    tb = error.__traceback__
+    while tb is not None:
+        yield tb.tb_frame
+        tb = tb.tb_next
+
+
+def _interrupted_trainer(error: BaseException) -> Optional[TrainerBase]:
+    """The Detectron2 trainer whose loop ``error`` (a Ctrl-C) went through, or None: the
+    innermost one that has a config (``DefaultTrainer``, ours), else the innermost one."""
+    found = [f.f_locals.get("self") for f in _frames(error)]
+    found = [t for t in found if isinstance(t, TrainerBase)]
+    with_cfg = [t for t in found if hasattr(t, "cfg")]
+    return (with_cfg or found or [None])[-1]
+
+
+def _last_checkpoint(folder: str) -> str:
+    """The checkpoint ``folder/last_checkpoint`` names, when that file exists; else ""."""
+    try:
+        with open(os.path.join(folder, "last_checkpoint")) as f:
+            name = f.read().strip()
+    except OSError:
+        return ""
+    path = os.path.join(folder, name)
+    return path if name and os.path.isfile(path) else ""
+
+
+def _interruption(error: KeyboardInterrupt, cfg, args: argparse.Namespace) -> Interrupted:
+    """Where Ctrl-C stopped train_net (``cfg`` is the run's), and how to continue."""
+    if isinstance(error, Interrupted):
+        return error
+    trainer = _interrupted_trainer(error)
+    evaluating = any(f.f_code.co_name == "inference_on_dataset" for f in _frames(error))
+    if args.eval_only:
+        return Interrupted("during evaluation", "rerun the same command to evaluate again")
+    at = f"at iteration {trainer.iter} of {trainer.max_iter}" if trainer is not None else ""
+    at += " (evaluating)" if evaluating and at else ""
+    if cfg.UNSHARED.ENABLED:
+        folder = getattr(getattr(trainer, "cfg", None), "OUTPUT_DIR", "")
+        names = {d: s for s, d in STAGE_DIRS.items()}
+        stage = names.get(os.path.basename(os.path.normpath(folder))) if folder else None
+        if stage is None:
+            return Interrupted("", "rerun the same command to continue: finished stages are skipped")
+        k = STAGES.index(stage) + 1
+        ckpt = _last_checkpoint(folder)
+        resumes = f"resumes from {ckpt}" if ckpt else "starts again (no checkpoint was saved yet)"
+        return Interrupted(
+            f"in stage {k} ({stage}) {at}".rstrip(),
+            f"rerun the same command to continue: finished stages are skipped, and stage {k} {resumes}",
+        )
+    ckpt = _last_checkpoint(getattr(getattr(trainer, "cfg", None), "OUTPUT_DIR", "") or cfg.OUTPUT_DIR)
+    if ckpt:
+        return Interrupted(at, f"rerun the same command with --resume to continue from {ckpt}")
+    return Interrupted(at, "rerun the same command to start again (no checkpoint was saved yet)")
+
+
+def _check_processes(args: argparse.Namespace):
     """Before several processes start, each of which would end in its own traceback:
     ``--num-gpus N`` on a machine without N GPUs (the config's MODEL.DEVICE as written,
-    before any CPU fallback), and a NUM_CLASSES the datasets contradict; one line each."""
+    before any CPU fallback), and a NUM_CLASSES the datasets contradict; one line each.
+    Returns the config (None for one process)."""
     n = args.num_gpus * args.num_machines
     if n <= 1:
-        return
-    cfg = setup_cfg(args.config_file, args.opts, freeze=False, device_fallback=False)  # config errors first
+        return None
+    cfg = read_cfg(args.config_file, args.opts, device_fallback=False)  # config errors first
     have = torch.cuda.device_count()
     if cfg.MODEL.DEVICE.startswith("cuda") and have < max(args.num_gpus, 1):
         raise ConfigError(
@@ -92,25 +214,109 @@ def _check_processes(args: argparse.Namespace) -> None:
             + f", or append MODEL.DEVICE cpu to train with {n} CPU processes"
         )
     check_num_classes(cfg, _datasets_used(cfg, args))
+    return cfg
 
 
 def cli(argv: Optional[Sequence[str]] = None):
     """Parse ``argv`` as ``tools/train_net.py`` does and :func:`launch` :func:`main`."""
     args = argument_parser().parse_args(argv)  # default_setup logs them once the logger exists
     register_coco_datasets(args.register_coco)  # missing files: one line, before any process starts
-    _check_processes(args)
-    return launch_main(main, args)
+    cfg = _check_processes(args)
+    try:
+        return launch_main(main, args)
+    except KeyboardInterrupt as e:
+        # The launcher of --num-gpus processes: its workers end with the same Ctrl-C, silently
+        # (torch's spawn); what is saved is in OUTPUT_DIR.
+        if cfg is None or isinstance(e, Interrupted):
+            raise
+        _wait_for_workers()
+        raise _interruption(e, cfg, args) from e
+
+
+def _wait_for_workers(grace_s: float = 10.0, kill_s: float = 60.0) -> None:
+    """The launcher after Ctrl-C: its workers got the same SIGINT (a terminal sends it to
+    the whole process group) and are ending; wait for them, so that the line that says
+    where the run stopped comes after their last log lines. When some still run after
+    ``grace_s`` (a SIGINT sent to the launcher alone), all of them get it passed on at
+    once (one stopping alone would leave the others in a collective). Ctrl-C again stops
+    waiting."""
+    children = multiprocessing.active_children()
+    try:
+        deadline = time.monotonic() + grace_s
+        for child in children:
+            child.join(max(0.0, deadline - time.monotonic()))
+        running = [c for c in children if c.is_alive()]
+        for child in running:
+            os.kill(child.pid, signal.SIGINT)
+        deadline = time.monotonic() + kill_s
+        for child in running:
+            child.join(max(0.0, deadline - time.monotonic()))
+    except (KeyboardInterrupt, OSError):
+        pass
+
+
+def _describe_interruption(error: KeyboardInterrupt) -> Tuple[str, str]:
+    """(where, how) for a Ctrl-C that ended a tool: an :class:`Interrupted` says it; a
+    Ctrl-C inside a Detectron2 training loop is "at iteration N of M", continued with
+    ``--resume``; anything else is started again."""
+    where = getattr(error, "where", "")
+    how = getattr(error, "how", "")
+    trainer = _interrupted_trainer(error)
+    if not where and trainer is not None:
+        where = f"at iteration {trainer.iter} of {getattr(trainer, 'max_iter', '?')}"
+    if not how and trainer is not None:
+        ckpt = _last_checkpoint(getattr(getattr(trainer, "checkpointer", None), "save_dir", "") or "")
+        how = f"rerun the same command with --resume to continue from {ckpt or 'the last checkpoint'}"
+    return where, how or "rerun the same command to start again"
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """A second Ctrl-C while the first one is reported must not turn the line into a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _report_interruption(error: KeyboardInterrupt, prog: str) -> int:
+    """One line, ``"{prog}: interrupted {where}: {how}"``, from one process of a job (the
+    others were stopped by the same Ctrl-C); into ``$RESNEXT_DET_INTERRUPT_NOTE`` instead
+    when another tool runs this one. Returns :data:`INTERRUPTED_EXIT`."""
+    with _sigint_ignored():
+        if os.environ.get("RESNEXT_DET_TRACEBACK"):
+            traceback.print_exception(error)
+        if comm.get_rank() != 0:
+            return INTERRUPTED_EXIT
+        where, how = _describe_interruption(error)
+        note = os.environ.get(INTERRUPT_NOTE_ENV)
+        if note:
+            try:
+                with open(note, "w") as f:
+                    json.dump({"where": where, "how": how}, f)
+                return INTERRUPTED_EXIT
+            except OSError:
+                pass  # say it here then
+        print(f"{prog}: interrupted{' ' + where if where else ''}: {how}", file=sys.stderr, flush=True)
+    return INTERRUPTED_EXIT
 
 
 def run_tool(fn: Callable[[], object], prog: str) -> int:
     """Run ``fn``; a :class:`UserError` (or a full disk) ends it with
-    ``"{prog}: error: {message}"`` on standard error and returns 2, other exceptions
-    propagate (with their traceback).
+    ``"{prog}: error: {message}"`` on standard error and returns 2; Ctrl-C with
+    ``"{prog}: interrupted {where}: {how to continue}"`` and returns 130; other
+    exceptions propagate (with their traceback).
     Returns 0 on success (or ``fn``'s return value when it is an int)."""
     # A log handler that cannot write (full disk) must not print a page per record.
     logging.raiseExceptions = False
     try:
         out = fn()
+    except KeyboardInterrupt as e:
+        return _report_interruption(e, prog)
     except UserError as e:
         if os.environ.get("RESNEXT_DET_TRACEBACK"):
             traceback.print_exc()

@@ -1,11 +1,19 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
 """What every entry point does before it builds a model: read the config (with
-errors that name the file or key), set up logging the same way everywhere, share
-the CPU cores between local processes, and say what the config asks for that
-cannot happen here (CUDA without a GPU, ``MODEL.RESNETS`` keys beside a ResNeXt)."""
+errors that name the file or key, and the closest existing keys for a misspelt one),
+set up logging the same way everywhere, share the CPU cores between local processes,
+and say what the config asks for that cannot happen here (CUDA without a GPU,
+``MODEL.RESNETS`` keys beside a ResNeXt).
+
+Two steps, so that an entry point can refuse what it finds wrong between them:
+:func:`read_cfg` (the config alone, nothing logged or written) and :func:`setup_run`
+(Detectron2's ``default_setup``, which logs the environment and the whole config and
+writes ``OUTPUT_DIR/config.yaml``; the package's logger). :func:`setup_cfg` does both."""
+import difflib
 import logging
 import os
-from typing import List, Optional, Sequence
+import re
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 import yaml
@@ -19,13 +27,51 @@ from ..config import add_resnext_config
 from ..errors import ConfigError, MissingFileError
 
 __all__ = [
-    "available_cores", "check_lazy_device", "fit_dataloader_workers", "processes_on_host",
-    "set_processes_on_host", "setup_cfg", "setup_logging", "share_cpu_cores", "warn_ignored_keys",
-    "PACKAGE_LOGGER",
+    "available_cores", "check_lazy_device", "close_keys", "fit_dataloader_workers", "processes_on_host",
+    "read_cfg", "set_processes_on_host", "setup_cfg", "setup_logging", "setup_run", "share_cpu_cores",
+    "warn_ignored_keys", "PACKAGE_LOGGER",
 ]  # fmt: skip
 
 PACKAGE_LOGGER = "resnext_det"
 logger = logging.getLogger(__name__)
+#: yacs's words for a key the config does not have: ``merge_from_file`` raises a KeyError
+#: "Non-existent config key: A.B" (the first level that is missing), ``merge_from_list`` an
+#: AssertionError "Non-existent key: A.B.C" (the key as given).
+_NO_SUCH_KEY = re.compile(r"Non-existent (?:config )?key: (\S+)")
+
+
+def _dotted_names(node: CfgNode, prefix: str = "") -> Iterator[str]:
+    for k, v in node.items():
+        yield prefix + k
+        if isinstance(v, CfgNode):
+            yield from _dotted_names(v, prefix + k + ".")
+
+
+def close_keys(cfg: CfgNode, key: str, n: int = 3) -> List[str]:
+    """The keys of ``cfg`` (full dotted names, nodes and leaves) closest to ``key``
+    by :mod:`difflib`: the closest, and the others about as close (at most ``n``)."""
+    names = list(_dotted_names(cfg))
+    found = difflib.get_close_matches(key, names, n=n, cutoff=0.7)
+    if not found:
+        return []
+    best = difflib.SequenceMatcher(None, key, found[0]).ratio()
+    return [k for k in found if difflib.SequenceMatcher(None, key, k).ratio() >= best - 0.06]
+
+
+def _unknown_key(cfg: CfgNode, error: BaseException) -> Optional[str]:
+    """For yacs's "Non-existent key" error: "K is not a config key: did you mean X?" (or
+    how to check the spelling); None for any other error."""
+    m = _NO_SUCH_KEY.search(str(error.args[0] if error.args else error))
+    if not m:
+        return None
+    key = m.group(1)
+    near = close_keys(cfg, key)
+    if near:
+        return f"{key} is not a config key: did you mean {' or '.join(near)}?"
+    return (
+        f"{key} is not a config key: check its spelling against Detectron2's defaults "
+        "(detectron2/config/defaults.py) and MODEL.RESNEXT.* / UNSHARED.* (resnext_det/config.py)"
+    )
 
 
 def _merge_file(cfg: CfgNode, config_file: str) -> None:
@@ -47,13 +93,9 @@ def _merge_file(cfg: CfgNode, config_file: str) -> None:
         )
     try:
         cfg.merge_from_file(config_file)
-    except KeyError as e:
-        raise ConfigError(
-            f"--config-file {config_file!r}: {e.args[0] if e.args else e}. Check the spelling "
-            "against Detectron2's defaults and MODEL.RESNEXT / UNSHARED (resnext_det/config.py)"
-        ) from e
-    except (ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(f"--config-file {config_file!r}: {e}") from e
+    except (KeyError, ValueError, TypeError, AssertionError) as e:
+        text = _unknown_key(cfg, e) or (e.args[0] if isinstance(e, KeyError) and e.args else e)
+        raise ConfigError(f"--config-file {config_file!r}: {text}") from e
 
 
 def _merge_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
@@ -67,13 +109,9 @@ def _merge_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
         )
     try:
         cfg.merge_from_list(opts)
-    except KeyError as e:
-        raise ConfigError(
-            f"override {e.args[0] if e.args else e}: no such config key. Check the spelling "
-            "(Detectron2's defaults, MODEL.RESNEXT.*, UNSHARED.*)"
-        ) from e
-    except (ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(f"config override: {e}") from e
+    except (KeyError, ValueError, TypeError, AssertionError) as e:
+        text = _unknown_key(cfg, e) or (e.args[0] if isinstance(e, KeyError) and e.args else e)
+        raise ConfigError(f"config override: {text}") from e
 
 
 def _check_device(cfg: CfgNode, fallback: bool = True) -> None:
@@ -190,28 +228,30 @@ def share_cpu_cores(cfg: CfgNode) -> None:
     logger.info(f"{here} CPU processes on this machine: {threads} thread(s) each")
 
 
-def setup_cfg(
-    config_file: str,
-    opts: Optional[Sequence[str]] = None,
-    *,
-    args=None,
-    freeze: bool = True,
-    device_fallback: bool = True,
-) -> CfgNode:
-    """Detectron2 config with the resnext_det keys added, ``config_file`` and ``opts``
-    merged (errors name the file or key), ``MODEL.DEVICE`` falling back to the CPU
-    where there is no GPU, ``DATALOADER.NUM_WORKERS`` at most the cores of this
-    process's share (:func:`fit_dataloader_workers`). With ``args`` (from
-    :func:`detectron2.engine.default_argument_parser`), also runs Detectron2's
-    :func:`default_setup` (output folder, seeds, env info, its loggers) and sets up
-    the package's logger and the CPU-core share of this process.
-    ``device_fallback=False`` keeps ``MODEL.DEVICE`` as configured (to check it).
+def read_cfg(config_file: str, opts: Optional[Sequence[str]] = None, *, device_fallback: bool = True) -> CfgNode:
+    """The config alone: Detectron2's defaults with the resnext_det keys added,
+    ``config_file`` and ``opts`` merged (errors name the file or key, and the closest
+    keys to a misspelt one), ``MODEL.DEVICE`` falling back to the CPU where there is no
+    GPU (``device_fallback=False`` keeps it as configured, to check it). Not frozen;
+    nothing is written. Finish it with :func:`setup_run`.
     """
     cfg = get_cfg()
     add_resnext_config(cfg)
     _merge_file(cfg, config_file)
     _merge_opts(cfg, opts or [])
     _check_device(cfg, device_fallback)
+    return cfg
+
+
+def setup_run(cfg: CfgNode, args=None, *, freeze: bool = True) -> CfgNode:
+    """``cfg`` (from :func:`read_cfg`) ready for a run: ``DATALOADER.NUM_WORKERS`` at
+    most the cores of this process's share (:func:`fit_dataloader_workers`). With
+    ``args`` (from :func:`detectron2.engine.default_argument_parser`), also runs
+    Detectron2's :func:`default_setup` (output folder, seeds, its loggers; it logs the
+    environment and the whole config and writes ``OUTPUT_DIR/config.yaml``) and sets
+    up the package's logger and the CPU-core share of this process: what should end a
+    run before all that is checked before this call. Returns ``cfg``.
+    """
     workers = fit_dataloader_workers(cfg)  # before default_setup writes OUTPUT_DIR/config.yaml
     if args is not None:
         default_setup(cfg, args)
@@ -223,3 +263,21 @@ def setup_cfg(
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def setup_cfg(
+    config_file: str,
+    opts: Optional[Sequence[str]] = None,
+    *,
+    args=None,
+    freeze: bool = True,
+    device_fallback: bool = True,
+) -> CfgNode:
+    """:func:`read_cfg`, then :func:`setup_run`: the config of ``config_file`` and
+    ``opts`` (errors name the file or key), ``MODEL.DEVICE`` falling back to the CPU
+    where there is no GPU, ``DATALOADER.NUM_WORKERS`` at most the cores of this
+    process's share; with ``args``, also Detectron2's :func:`default_setup` and the
+    package's logger. ``device_fallback=False`` keeps ``MODEL.DEVICE`` as configured.
+    """
+    cfg = read_cfg(config_file, opts, device_fallback=device_fallback)
+    return setup_run(cfg, args, freeze=freeze)
