@@ -72,3 +72,20 @@ def test_a_documented_command_runs_as_written(doc, command):
     written = re.findall(r"--config-out\s+(\S+)", open(os.path.join(ROOT, doc)).read())  # made by a command there
     if config and "..." not in config and not config.startswith(("output/", "$")) and config not in written:
         assert os.path.isfile(os.path.join(ROOT, config)), f"{doc}: `{line}` names {config}, which does not exist"
+
+
+# The troubleshooting table quotes messages: each quoted phrase is said by the code today.
+TROUBLESHOOTING_PHRASES = [
+    "cannot download", "its annotation file", "is not a config key: did you mean", "image files its json",
+    "CUDA device(s)", "their random initialisation", "does not match the config", "resume with another solver",
+    "file system all nodes share", "a collective failed because", "was written but not verified",
+    "Stopped at a safe point",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("phrase", TROUBLESHOOTING_PHRASES)
+def test_the_troubleshooting_table_quotes_what_the_code_says(phrase):
+    table = " ".join(open(os.path.join(ROOT, "docs", "troubleshooting.md")).read().split())
+    assert phrase in table
+    sources = [p for folder in ("resnext_det", "tools") for p in glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True)]
+    assert any(phrase in re.sub(r'"\s*\n\s*f?"', "", open(p).read()) for p in sources), phrase
