@@ -33,58 +33,13 @@ import resnext_det  # noqa: F401  registers the shapes data
 from resnext_det.data.shapes import shapes_json_file
 from resnext_det.unshared import STAGE_DIRS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs/quickstart/faster_rcnn_X_26_8x4d_FPN_shapes.yaml")
+from runs import (CONFIG, ROOT, TIMEOUT, TRAIN_NET, clean_env, finish, free_port, iterations_logged, losses,
+                  opts, read, start, starts, stopped_at, wait_for)  # fmt: skip
+
 APPENDIX_B = os.path.join(ROOT, "configs/COCO-Detection/Base-AppendixB-C4.yaml")
 SUBMIT = os.path.join(ROOT, "tools/submit.py")
-TRAIN_NET = os.path.join(ROOT, "tools/train_net.py")
-TINY = [
-    "MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "64",
-    "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "160",
-    "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "160",
-    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "5", "SOLVER.BASE_LR", "0.01",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "1000",
-]  # fmt: skip
-TIMEOUT = 900
 
 pytestmark = pytest.mark.slow
-
-
-def _env(base=None, **extra):
-    env = {k: v for k, v in (base or os.environ).items() if k == "SLURM_CONF" or not k.startswith(("SLURM_", "TORCHELASTIC_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                         "RESNEXT_DET_TRACEBACK")}  # fmt: skip
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
-    env.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
-    return env
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _popen(cmd, log, env):
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)  # fmt: skip
-
-
-def _finish(proc, log, timeout=TIMEOUT):
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    with open(log) as f:
-        return proc.returncode, f.read()
-
-
-def _opts(out, iters):
-    return [*TINY, "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({iters - 1},)", "OUTPUT_DIR", str(out)]
 
 
 def _submit_cmd(out, *flags, opts, nodes=2, tasks=2):
@@ -93,13 +48,7 @@ def _submit_cmd(out, *flags, opts, nodes=2, tasks=2):
             "--wait", *flags, *opts]  # fmt: skip
 
 
-def _losses(out):
-    with open(os.path.join(out, "metrics.json")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {r["iteration"]: {k: v for k, v in r.items() if "loss" in k} for r in rows if "total_loss" in r}
-
-
-def _assert_same_losses(got, ref):
+def _assert_samelosses(got, ref):
     assert got.keys() == ref.keys() and got, (got, ref)
     for it in got:
         for k, v in ref[it].items():
@@ -118,14 +67,6 @@ def _job(stdout_path, timeout=120):
     raise AssertionError(open(stdout_path).read()[-3000:])
 
 
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 class _Job:
     """A batch job seen as a process for :func:`_wait_for`: ``poll()`` is None while it is
     in the queue (pending, running, requeued), else its final state."""
@@ -142,73 +83,48 @@ class _Job:
         return self.poll()
 
 
-def _wait_for(predicate, what, proc=None, timeout=TIMEOUT, poll=0.05):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        got = predicate()
-        if got:
-            return got
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the submitter ended (rc {proc.returncode}) before {what}")
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def launch_4(tmp_path_factory):
     """The reference: Detectron2's own launch of 4 processes on one machine."""
     out = tmp_path_factory.mktemp("launch4") / "out"
-    cmd = [sys.executable, TRAIN_NET, "--config-file", CONFIG, "--num-gpus", "4", "--dist-url", "auto", *_opts(out, 6)]
-    rc, log = _finish(_popen(cmd, f"{out}.log", _env()), f"{out}.log")
+    cmd = [sys.executable, TRAIN_NET, "--config-file", CONFIG, "--num-gpus", "4", "--dist-url", "auto", *opts(out, 6)]
+    rc, log = finish(start(cmd, f"{out}.log", clean_env()), f"{out}.log")
     assert rc == 0, log[-4000:]
     assert "Processes started by Detectron2's launch: world size 4" in log
-    return _losses(out)
+    return losses(out)
 
 
 def test_a_two_node_slurm_job_gives_the_losses_of_launch(slurm_cluster, tmp_path, launch_4):
     out = tmp_path / "out"
-    cmd = _submit_cmd(out, "--config-file", CONFIG, opts=_opts(out, 6))
-    rc, text = _finish(_popen(cmd, f"{out}.submit", _env(slurm_cluster.env)), f"{out}.submit")
+    cmd = _submit_cmd(out, "--config-file", CONFIG, opts=opts(out, 6))
+    rc, text = finish(start(cmd, f"{out}.submit", clean_env(slurm_cluster.env)), f"{out}.submit")
     assert rc == 0, text[-4000:]
     job, log = _job(f"{out}.submit")
     assert f"Submitted job {job}: 2 node(s) x 2 task(s) (0 GPU(s) per node) on debug" in text
-    task0 = _read(log)
+    task0 = read(log)
     assert "Processes started by SLURM (one task per process): world size 4 = 2 machine(s) x 2 process(es)" in task0
     assert f"job {job}, rendezvous tcp://127.0.0.1:" in task0  # n1's NodeAddr: node names do not resolve
     assert slurm_cluster.wait(job, timeout=60) == "COMPLETED"
     scripts = list((out / "submitit").glob("*_submission.sh"))
     assert scripts and "--kill-on-bad-exit=1" in scripts[0].read_text()
-    _assert_same_losses(_losses(out), launch_4)
+    _assert_samelosses(losses(out), launch_4)
 
 
 def test_torchrun_on_two_nodes_gives_the_losses_of_launch(tmp_path, launch_4):
     out = tmp_path / "out"
-    port = _free_port()
+    port = free_port()
     procs = [
-        _popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
+        start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
                 "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                TRAIN_NET, "--config-file", CONFIG, *_opts(out, 6)], f"{out}.log{k}", _env())
+                TRAIN_NET, "--config-file", CONFIG, *opts(out, 6)], f"{out}.log{k}", clean_env())
         for k in (0, 1)
     ]  # fmt: skip
-    logs = [_finish(p, f"{out}.log{k}") for k, p in enumerate(procs)]
+    logs = [finish(p, f"{out}.log{k}") for k, p in enumerate(procs)]
     for rc, log in logs:
         assert rc == 0, log[-4000:]
     assert "Processes started by torchrun: world size 4 = 2 machine(s) x 2 process(es), this machine 0" in logs[0][1]
     assert logs[0][1].count("Starting training from iteration 0") == 1
-    _assert_same_losses(_losses(out), launch_4)
-
-
-def _stopped_at(text):
-    """The iterations the run saved at when stopped, from its log lines."""
-    return [int(m) for m in re.findall(r"Stopped at a safe point: stopped by SIG\w+; saved \S+model_(\d{7})\.pth", text)]
-
-
-def _starts(text):
-    return [int(m) for m in re.findall(r"Starting training from iteration (\d+)", text)]
-
-
-def _iters_logged(text):
-    return [int(i) for i in re.findall(r"iter: (\d+) ", text)]
+    _assert_samelosses(losses(out), launch_4)
 
 
 def test_a_preempted_job_resumes_at_the_iteration_it_was_signalled_in(slurm_cluster, tmp_path):
@@ -219,33 +135,33 @@ def test_a_preempted_job_resumes_at_the_iteration_it_was_signalled_in(slurm_clus
     from the stop. It ends COMPLETED with all MAX_ITER iterations."""
     out = tmp_path / "out"
     iters = 140
-    cmd = _submit_cmd(out, "--config-file", CONFIG, opts=_opts(out, iters), nodes=1, tasks=2)
-    submitter = _popen(cmd, f"{out}.submit", _env(slurm_cluster.env))
+    cmd = _submit_cmd(out, "--config-file", CONFIG, opts=opts(out, iters), nodes=1, tasks=2)
+    submitter = start(cmd, f"{out}.submit", clean_env(slurm_cluster.env))
     job, log = _job(f"{out}.submit")
 
     # 1. the time-limit signal, once iteration 19 was logged
-    _wait_for(lambda: 19 in _iters_logged(_read(log)), "iteration 19", submitter)
+    wait_for(lambda: 19 in iterations_logged(read(log)), "iteration 19", submitter)
     slurm_cluster.signal(job, "USR2")
-    _wait_for(lambda: _stopped_at(_read(log)), "the stop", submitter)
-    first = _stopped_at(_read(log))[0]
+    wait_for(lambda: stopped_at(read(log)), "the stop", submitter)
+    first = stopped_at(read(log))[0]
     slurm_cluster.release_now(job, timeout=120)  # submitit requeued it: skip SLURM's ~120 s hold
-    _wait_for(lambda: first + 1 in _starts(_read(log)), f"the resume at {first + 1}", submitter)
+    wait_for(lambda: first + 1 in starts(read(log)), f"the resume at {first + 1}", submitter)
 
     # 2. a preemption-like requeue by the admin: SIGTERM, then SIGKILL after KillWait (5 s)
-    _wait_for(lambda: any(i >= first + 20 for i in _iters_logged(_read(log))), "20 more iterations", submitter)
+    wait_for(lambda: any(i >= first + 20 for i in iterations_logged(read(log))), "20 more iterations", submitter)
     slurm_cluster.requeue_now(job, timeout=120)
-    _wait_for(lambda: len(_stopped_at(_read(log))) == 2, "the second stop", submitter)
-    second = _stopped_at(_read(log))[1]
-    _wait_for(lambda: second + 1 in _starts(_read(log)), f"the resume at {second + 1}", submitter)
+    wait_for(lambda: len(stopped_at(read(log))) == 2, "the second stop", submitter)
+    second = stopped_at(read(log))[1]
+    wait_for(lambda: second + 1 in starts(read(log)), f"the resume at {second + 1}", submitter)
 
-    rc, text = _finish(submitter, f"{out}.submit")
-    assert rc == 0, text[-3000:] + _read(log)[-5000:]
-    task0 = _read(log)  # submitit's logs are opened in append mode: every run of the job
+    rc, text = finish(submitter, f"{out}.submit")
+    assert rc == 0, text[-3000:] + read(log)[-5000:]
+    task0 = read(log)  # submitit's logs are opened in append mode: every run of the job
     assert "stopped by SIGUSR2" in task0 and "stopped by SIGTERM" in task0
-    assert _starts(task0) == [0, first + 1, second + 1] and second > first >= 19
+    assert starts(task0) == [0, first + 1, second + 1] and second > first >= 19
     assert "restart 1" in task0 and "restart 2" in task0
     assert slurm_cluster.wait(job, timeout=60) == "COMPLETED"
-    assert max(_losses(out)) == iters - 1 and os.path.isfile(out / "model_final.pth")
+    assert max(losses(out)) == iters - 1 and os.path.isfile(out / "model_final.pth")
     assert not [f for f in os.listdir(out) if re.fullmatch(r"model_\d{7}\.pth", f) and int(f[6:13]) not in (first, second)]
 
 
@@ -260,7 +176,7 @@ def _coco_subset(src_json, dst_json, n):
     return dst_json
 
 
-def _appendix_b_opts(out):
+def _appendix_bopts(out):
     from test_unshared import TINY as UNSHARED_TINY  # the schedule's tiny settings, 2-process reference
 
     return [*UNSHARED_TINY, "MODEL.ROI_HEADS.NUM_CLASSES", "3", "DATASETS.TRAIN", "('cl_train',)",
@@ -276,31 +192,31 @@ def test_an_appendix_b_job_requeued_in_stages_1_and_2_finishes_all_four(slurm_cl
     root = os.path.dirname(os.path.dirname(shapes_json_file("train")))
     out = tmp_path / "out"
     cmd = _submit_cmd(out, "--config-file", APPENDIX_B, "--register-coco", "cl_train", str(train), f"{root}/train",
-                      "--register-coco", "cl_val", str(val), f"{root}/val", opts=_appendix_b_opts(out), nodes=1, tasks=2)  # fmt: skip
-    submitter = _popen(cmd, f"{out}.submit", _env(slurm_cluster.env))
+                      "--register-coco", "cl_val", str(val), f"{root}/val", opts=_appendix_bopts(out), nodes=1, tasks=2)  # fmt: skip
+    submitter = start(cmd, f"{out}.submit", clean_env(slurm_cluster.env))
     job, log = _job(f"{out}.submit")
     stage2 = out / STAGE_DIRS["proposals"]
 
     # inside stage 1 (the RPN's training)
-    _wait_for(lambda: 19 in _iters_logged(_read(log)), "stage 1's iteration 19", submitter)
+    wait_for(lambda: 19 in iterations_logged(read(log)), "stage 1's iteration 19", submitter)
     slurm_cluster.signal(job, "USR2")
-    _wait_for(lambda: _stopped_at(_read(log)), "the stop in stage 1", submitter)
-    first = _stopped_at(_read(log))[0]
+    wait_for(lambda: stopped_at(read(log)), "the stop in stage 1", submitter)
+    first = stopped_at(read(log))[0]
     slurm_cluster.release_now(job, timeout=120)
 
     # inside stage 2 (proposals): as soon as a process has written its first chunk
-    _wait_for(lambda: any(".part" in f for f in os.listdir(stage2)) if stage2.is_dir() else False,
+    wait_for(lambda: any(".part" in f for f in os.listdir(stage2)) if stage2.is_dir() else False,
               "stage 2's first chunk", submitter, poll=0.01)  # fmt: skip
     slurm_cluster.signal(job, "USR2")
-    _wait_for(lambda: "images of cl_train of process" in _read(log), "the stop in stage 2", submitter)
+    wait_for(lambda: "images of cl_train of process" in read(log), "the stop in stage 2", submitter)
     slurm_cluster.release_now(job, timeout=120)
 
-    rc, text = _finish(submitter, f"{out}.submit")
-    task0 = _read(log)
+    rc, text = finish(submitter, f"{out}.submit")
+    task0 = read(log)
     assert rc == 0, text[-3000:] + task0[-6000:]
     for stage, folder in STAGE_DIRS.items():
         assert os.path.isfile(out / folder / "stage_done.json"), stage
-    assert _starts(task0)[:2] == [0, first + 1]  # stage 1 resumed where it stopped
+    assert starts(task0)[:2] == [0, first + 1]  # stage 1 resumed where it stopped
     m = re.search(r"Proposals for cl_train \(process 1/2\): resuming, (\d+) of its (\d+) images found done", task0)
     assert m and 0 < int(m.group(1)) < int(m.group(2)), task0[-6000:]  # stage 2 kept its chunks
     assert "restart 2" in task0
@@ -311,10 +227,10 @@ def test_an_appendix_b_job_requeued_in_stages_1_and_2_finishes_all_four(slurm_cl
 
 def test_a_killed_task_ends_the_job_within_bounded_time(slurm_cluster, tmp_path):
     out = tmp_path / "out"
-    cmd = _submit_cmd(out, "--config-file", CONFIG, opts=_opts(out, 400))
-    submitter = _popen(cmd, f"{out}.submit", _env(slurm_cluster.env))
+    cmd = _submit_cmd(out, "--config-file", CONFIG, opts=opts(out, 400))
+    submitter = start(cmd, f"{out}.submit", clean_env(slurm_cluster.env))
     job, log = _job(f"{out}.submit")
-    _wait_for(lambda: 19 in _iters_logged(_read(log)), "iteration 19", submitter)
+    wait_for(lambda: 19 in iterations_logged(read(log)), "iteration 19", submitter)
     pattern = f"^{re.escape(sys.executable)} .*submitit.core._submit {re.escape(str(out / 'submitit'))}"  # not srun's
     tasks = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     pids = [int(p) for p in tasks.stdout.split()]
@@ -323,7 +239,7 @@ def test_a_killed_task_ends_the_job_within_bounded_time(slurm_cluster, tmp_path)
     t_kill = time.time()
     state = slurm_cluster.wait(job, timeout=180)
     took = time.time() - t_kill
-    rc, text = _finish(submitter, f"{out}.submit", timeout=180)
+    rc, text = finish(submitter, f"{out}.submit", timeout=180)
     assert state == "FAILED" and took < 60, (state, took)  # measured: ~5 s
     assert rc == 1 and f"job {job}" in text.lower(), text[-3000:]
 
@@ -334,7 +250,7 @@ def test_a_plain_sbatch_script_one_task_per_node_requeues_itself_at_the_time_lim
     (#SBATCH --signal=USR1@N reaches the tasks and their processes) saves the iteration, rank 0
     runs `scontrol requeue`, and the requeued job resumes there without being told --resume."""
     out = tmp_path / "out"
-    train = shlex.join([sys.executable, TRAIN_NET, "--config-file", CONFIG, "--num-gpus", "2", *_opts(out, 140)])
+    train = shlex.join([sys.executable, TRAIN_NET, "--config-file", CONFIG, "--num-gpus", "2", *opts(out, 140)])
     script = f"""#!/bin/bash
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -350,14 +266,14 @@ srun --kill-on-bad-exit=1 {train}
     job = slurm_cluster.sbatch(script)
     log = tmp_path / f"slurm-{job}.out"
     running = _Job(slurm_cluster, job)
-    _wait_for(lambda: 19 in _iters_logged(_read(log)), "iteration 19", running)
+    wait_for(lambda: 19 in iterations_logged(read(log)), "iteration 19", running)
     slurm_cluster.signal(job, "USR1")
-    _wait_for(lambda: f"job {job} requeued (1 of --max-requeues 3)" in _read(log), "the requeue", running)
-    first = _stopped_at(_read(log))[0]
+    wait_for(lambda: f"job {job} requeued (1 of --max-requeues 3)" in read(log), "the requeue", running)
+    first = stopped_at(read(log))[0]
     slurm_cluster.release_now(job, timeout=120)
-    assert slurm_cluster.wait(job, timeout=TIMEOUT) == "COMPLETED", _read(log)[-5000:]
-    text = _read(log)
+    assert slurm_cluster.wait(job, timeout=TIMEOUT) == "COMPLETED", read(log)[-5000:]
+    text = read(log)
     line = "Processes started by SLURM (one task per node) + Detectron2's launch: world size 4 = 2 machine(s) x 2"
     assert text.count(line) == 2 and "restart 1" in text  # the first run and the requeued one
-    assert "stopped by SIGUSR1" in text and _starts(text) == [0, first + 1] and first >= 19
-    assert max(_losses(out)) == 139 and os.path.isfile(out / "model_final.pth")
+    assert "stopped by SIGUSR1" in text and starts(text) == [0, first + 1] and first >= 19
+    assert max(losses(out)) == 139 and os.path.isfile(out / "model_final.pth")

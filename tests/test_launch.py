@@ -6,12 +6,9 @@ The placement tests feed the variables torchrun and srun set (as their documenta
 real cluster of tests/slurm_cluster.py show them); the runs are 2-4 CPU processes (gloo) of a
 tiny detector on the shapes data, compared with Detectron2's own ``launch`` of the same config.
 """
-import argparse
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,17 +26,8 @@ from resnext_det.engine.launch import (
 )
 from resnext_det.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs/quickstart/faster_rcnn_X_26_8x4d_FPN_shapes.yaml")
-TINY = [
-    "MODEL.FPN.OUT_CHANNELS", "64",
-    "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "160",
-    "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "160",
-    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "5", "SOLVER.BASE_LR", "0.01",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "1000",
-]  # fmt: skip
-TRAIN_NET = os.path.join(ROOT, "tools/train_net.py")
-TIMEOUT = 600
+from runs import (CONFIG, TRAIN_NET, clean_env, finish, free_port, iterations_logged, losses, opts,
+                  python, read, start, starts, wait_for)  # fmt: skip
 
 
 def _args(*argv):
@@ -144,61 +132,22 @@ def test_preemption_flag_and_exit_codes():
 # ---------------------------------------------------------------------------------------------
 # Runs: 2 CPU processes (gloo) of a tiny detector
 # ---------------------------------------------------------------------------------------------
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
-    env.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
-    return env
+def _train(out, *flags, launcher=(), iters=6, extra=()):
+    return [*(launcher or python())] + [TRAIN_NET, "--config-file", CONFIG, *flags, *opts(out, iters), *extra]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd, log, env=None):
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=env or _env(), start_new_session=True)  # fmt: skip
-
-
-def _finish(proc, log, timeout=TIMEOUT):
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    with open(log) as f:
-        return proc.returncode, f.read()
-
-
-def _train(out, *flags, launcher=(), iters=6, opts=()):
-    cmd = [*launcher] or [sys.executable]
-    cmd += [TRAIN_NET, "--config-file", CONFIG, *flags, *TINY, "SOLVER.MAX_ITER", str(iters),
-            "SOLVER.STEPS", f"({iters - 1},)", "OUTPUT_DIR", str(out), *opts]  # fmt: skip
-    return cmd
-
-
-def _losses(out):
-    with open(os.path.join(out, "metrics.json")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {r["iteration"]: {k: v for k, v in r.items() if "loss" in k} for r in rows if "total_loss" in r}
-
-
-def _start_iters(log):
-    return [int(m) for m in re.findall(r"Starting training from iteration (\d+)", log)]
+def _until_iteration_19(proc, log):
+    wait_for(lambda: 19 in iterations_logged(read(log)), "iteration 19", proc)
 
 
 @pytest.fixture(scope="module")
 def launch_2(tmp_path_factory):
     """The reference: Detectron2's own launch of 2 processes (--num-gpus 2)."""
     out = tmp_path_factory.mktemp("launch2") / "out"
-    rc, log = _finish(_start(_train(out, "--num-gpus", "2", "--dist-url", "auto"), str(out) + ".log"), str(out) + ".log")
+    rc, log = finish(start(_train(out, "--num-gpus", "2", "--dist-url", "auto"), str(out) + ".log"), str(out) + ".log")
     assert rc == 0, log[-4000:]
     assert "Processes started by Detectron2's launch: world size 2" in log
-    return _losses(out)
+    return losses(out)
 
 
 @pytest.mark.slow
@@ -206,12 +155,12 @@ def test_torchrun_trains_once_with_the_losses_of_launch(tmp_path, launch_2):
     """Was: two independent world-size-1 trainings into one OUTPUT_DIR."""
     out = tmp_path / "out"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", str(_free_port())]  # fmt: skip
-    rc, log = _finish(_start(_train(out, launcher=torchrun), str(out) + ".log"), str(out) + ".log")
+                "--master-port", str(free_port())]  # fmt: skip
+    rc, log = finish(start(_train(out, launcher=torchrun), str(out) + ".log"), str(out) + ".log")
     assert rc == 0, log[-4000:]
     assert log.count("Processes started by torchrun: world size 2 = 1 machine(s) x 2 process(es)") == 1
     assert log.count("Starting training from iteration 0") == 1  # one training, not two
-    got = _losses(out)
+    got = losses(out)
     assert got.keys() == launch_2.keys() and got
     for it in got:
         for k, v in launch_2[it].items():
@@ -222,14 +171,14 @@ def test_torchrun_trains_once_with_the_losses_of_launch(tmp_path, launch_2):
 def test_two_machines_on_one_host_share_its_cores(tmp_path):
     """Two 'machines' of 2 processes on this host: every process counts all 4 (was: 2 each)."""
     out = tmp_path / "out"
-    port = _free_port()
-    env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}
+    port = free_port()
+    env = {k: v for k, v in clean_env().items() if k != "OMP_NUM_THREADS"}
     procs = [
-        _start(_train(out, "--num-gpus", "2", "--num-machines", "2", "--machine-rank", str(m),
+        start(_train(out, "--num-gpus", "2", "--num-machines", "2", "--machine-rank", str(m),
                       "--dist-url", f"tcp://127.0.0.1:{port}"), f"{out}.log{m}", env=env)
         for m in (0, 1)
     ]  # fmt: skip
-    results = [_finish(p, f"{out}.log{m}") for m, p in enumerate(procs)]
+    results = [finish(p, f"{out}.log{m}") for m, p in enumerate(procs)]
     for rc, log in results:
         assert rc == 0, log[-4000:]
     cores = len(os.sched_getaffinity(0))
@@ -239,14 +188,14 @@ def test_two_machines_on_one_host_share_its_cores(tmp_path):
 @pytest.mark.slow
 def test_machines_that_do_not_share_output_dir_stop_before_training(tmp_path):
     """Was: rank 0 resumed at iteration 20, rank 1 silently from scratch, then both hung."""
-    port = _free_port()
+    port = free_port()
     procs = [
-        _start(_train(tmp_path / f"node{m}", "--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(m),
+        start(_train(tmp_path / f"node{m}", "--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(m),
                       "--dist-url", f"tcp://127.0.0.1:{port}", "--resume"), f"{tmp_path}/log{m}")
         for m in (0, 1)
     ]  # fmt: skip
     for m, p in enumerate(procs):
-        rc, log = _finish(p, f"{tmp_path}/log{m}", timeout=300)
+        rc, log = finish(p, f"{tmp_path}/log{m}", timeout=300)
         assert rc == 2, log[-3000:]
         last = log.strip().splitlines()[-1]
         assert "OUTPUT_DIR" in last and "file system all nodes share" in last, last
@@ -259,13 +208,10 @@ def test_a_stop_signal_saves_the_iteration_it_arrived_in_and_resume_finishes(tmp
     """Was: SIGTERM lost up to CHECKPOINT_PERIOD - 1 iterations; SIGUSR1 killed the run (exit 138)."""
     out = tmp_path / "out"
     log = str(out) + ".log"
-    proc = _start(_train(out, "--num-gpus", "2", "--dist-url", "auto", iters=400), log)
-    t0 = time.time()
-    while time.time() - t0 < TIMEOUT and "iter: 19 " not in open(log).read():
-        assert proc.poll() is None, open(log).read()[-3000:]
-        time.sleep(0.2)
+    proc = start(_train(out, "--num-gpus", "2", "--dist-url", "auto", iters=400), log)
+    _until_iteration_19(proc, log)
     os.kill(proc.pid, sig)  # the launcher alone: it passes the signal on to its processes
-    rc, text = _finish(proc, log)
+    rc, text = finish(proc, log)
     assert rc == 128 + sig, text[-3000:]
     saved = re.findall(r"saved (\S+model_(\d{7})\.pth) \(iteration (\d+) of 400\)", text)
     assert saved, text[-3000:]
@@ -276,10 +222,10 @@ def test_a_stop_signal_saves_the_iteration_it_arrived_in_and_resume_finishes(tmp
     # The last logged iteration is the saved one: nothing after it ran.
     logged = [int(i) for i in re.findall(r"iter: (\d+) ", text)]
     assert max(logged) <= int(it)
-    rc, text2 = _finish(_start(_train(out, "--num-gpus", "2", "--dist-url", "auto", "--resume", iters=int(it) + 4),
+    rc, text2 = finish(start(_train(out, "--num-gpus", "2", "--dist-url", "auto", "--resume", iters=int(it) + 4),
                                log + "2"), log + "2")  # fmt: skip
     assert rc == 0, text2[-3000:]
-    assert _start_iters(text2) == [int(it) + 1]
+    assert starts(text2) == [int(it) + 1]
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
 
 
@@ -287,15 +233,15 @@ def test_a_stop_signal_saves_the_iteration_it_arrived_in_and_resume_finishes(tmp
 def test_a_requeued_job_resumes_without_being_told(tmp_path):
     """SLURM's restart count (a requeued batch job) turns --resume on."""
     out = tmp_path / "out"
-    rc, log = _finish(_start(_train(out, opts=("SOLVER.CHECKPOINT_PERIOD", "3")), str(out) + ".log"), str(out) + ".log")
+    rc, log = finish(start(_train(out, extra=("SOLVER.CHECKPOINT_PERIOD", "3")), str(out) + ".log"), str(out) + ".log")
     assert rc == 0, log[-3000:]
     os.remove(os.path.join(out, "model_final.pth"))
     with open(os.path.join(out, "last_checkpoint"), "w") as f:
         f.write("model_0000002.pth")
-    rc, log = _finish(_start(_train(out, opts=("SOLVER.CHECKPOINT_PERIOD", "3")), str(out) + ".log2",
-                             env=_env(SLURM_JOB_ID="77", SLURM_RESTART_COUNT="1")), str(out) + ".log2")  # fmt: skip
+    rc, log = finish(start(_train(out, extra=("SOLVER.CHECKPOINT_PERIOD", "3")), str(out) + ".log2",
+                             env=clean_env(SLURM_JOB_ID="77", SLURM_RESTART_COUNT="1")), str(out) + ".log2")  # fmt: skip
     assert rc == 0, log[-3000:]
-    assert _start_iters(log) == [3]
+    assert starts(log) == [3]
 
 
 @pytest.mark.slow
@@ -303,17 +249,14 @@ def test_a_requeued_job_resumes_without_being_told(tmp_path):
 def test_a_killed_rank_ends_the_others_with_one_line(tmp_path, victim):
     out = tmp_path / "out"
     log = str(out) + ".log"
-    proc = _start(_train(out, "--num-gpus", "2", "--dist-url", "auto", iters=400), log)
-    t0 = time.time()
-    while time.time() - t0 < TIMEOUT and "iter: 19 " not in open(log).read():
-        assert proc.poll() is None, open(log).read()[-3000:]
-        time.sleep(0.2)
+    proc = start(_train(out, "--num-gpus", "2", "--dist-url", "auto", iters=400), log)
+    _until_iteration_19(proc, log)
     kids = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
     pids = sorted(int(x) for x in kids.stdout.split())
     assert len(pids) == 2, kids
     os.kill(pids[victim], signal.SIGKILL)  # processes are started in rank order
     t_kill = time.time()
-    rc, text = _finish(proc, log, timeout=120)
+    rc, text = finish(proc, log, timeout=120)
     took = time.time() - t_kill
     assert rc == 1, text[-3000:]
     assert f"rank {victim} (pid {pids[victim]}) is gone (killed by SIGKILL)" in text
