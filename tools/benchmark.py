@@ -5,24 +5,30 @@
     python tools/benchmark.py                                   # everything, CPU
     python tools/benchmark.py --what detector,inference --json out/bench.json
     python tools/benchmark.py --device cuda --what overhead     # the paper's 1.36x figure
+    python tools/benchmark.py --what eval                       # COCO evaluation: pycocotools vs compiled
 
 Sections (``--what``): backbone (trunk forward, forward+backward), detector (one
 training step of Faster R-CNN FPN and C4), inference (latency per image),
-proposals (RPN-only), overhead (ResNeXt vs ResNet at the same FLOPs). The
+proposals (RPN-only), overhead (ResNeXt vs ResNet at the same FLOPs), eval (COCO
+evaluation: pycocotools' COCOeval against the compiled one, and the project's whole
+evaluation path, on synthetic COCO-sized sets; its ratios are over pycocotools). The
 "built-in" contender is Detectron2's ``build_resnet_backbone`` with
 ``NUM_GROUPS x WIDTH_PER_GROUP`` = our C x d and our weights, loaded strictly; "vs
 built-in" is its median time over the contender's (> 1: faster than built-in).
 Measured with ``torch.utils.benchmark``, contenders interleaved; the output starts
 with the model, image sizes, batch, threads and device. The code and the method
-are in :mod:`resnext_det.benchmark`; the results in docs/performance.md.
+are in :mod:`resnext_det.benchmark`; the results in docs/performance.md. A config
+error ends it with one line (exit status 2), Ctrl-C too (exit status 130).
 """
 import argparse
 import logging
 import os
+import sys
 import warnings
 from typing import List, Optional, Sequence
 
 from resnext_det.benchmark import ARCHS, SECTIONS, BenchmarkSettings, run_benchmark
+from resnext_det.engine.cli import run_tool
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -63,6 +69,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> BenchmarkSettings:
         help="config KEY VALUE pairs of the fast contender (default: all switches, "
         "resnext_det.benchmark.FAST_OPTS)",
     )
+    p.add_argument("--eval-images", type=int, default=d.eval_images, help="eval section: images, bbox set")
+    p.add_argument("--eval-segm-images", type=int, default=d.eval_segm_images, help="eval: images, segm set (0: skip)")
+    p.add_argument(
+        "--eval-path-images", type=int, default=d.eval_path_images, help="eval: images, project path (0: skip)"
+    )
+    p.add_argument("--eval-repeats", type=int, default=d.eval_repeats, help="eval: timed runs per contender")
     p.add_argument("--json", default=None, help="write the results here (atomically)")
     p.add_argument("--markdown", default=None, help="also write the tables as Markdown here")
     p.add_argument(
@@ -93,6 +105,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> BenchmarkSettings:
             compile=a.compile,
             no_memory=a.no_memory,
             fast_opts=d.fast_opts if a.fast_opts is None else a.fast_opts,
+            eval_images=a.eval_images,
+            eval_segm_images=a.eval_segm_images,
+            eval_path_images=a.eval_path_images,
+            eval_repeats=a.eval_repeats,
             json=a.json,
             markdown=a.markdown,
             opts=a.opts[1:] if a.opts[:1] == ["--"] else a.opts,
@@ -110,4 +126,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main, "benchmark.py"))

@@ -14,10 +14,12 @@ and cropping COCO's polygon masks needs the package ``shapely`` (in requirements
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
+from resnext_det.evaluation import FastCOCOEvaluator
 from resnext_det.modeling import ResNeXt, ResNeXtSpec
 
 _base = get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")
 dataloader = _base.dataloader
+dataloader.evaluator._target_ = FastCOCOEvaluator  # Detectron2's COCOEvaluator with a compiled COCOeval
 lr_multiplier = _base.lr_multiplier
 model = _base.model
 optimizer = _base.optimizer

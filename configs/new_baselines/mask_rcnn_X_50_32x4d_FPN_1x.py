@@ -20,9 +20,11 @@ for MSRA weights, which these are not).
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
+from resnext_det.evaluation import FastCOCOEvaluator
 from resnext_det.modeling import ResNeXt, ResNeXtSpec
 
 dataloader = get_config("common/data/coco.py").dataloader
+dataloader.evaluator._target_ = FastCOCOEvaluator  # Detectron2's COCOEvaluator with a compiled COCOeval
 lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_1x
 model = get_config("common/models/mask_rcnn_fpn.py").model
 optimizer = get_config("common/optim.py").SGD

@@ -7,6 +7,9 @@ one :meth:`torch.utils.benchmark.Timer.blocked_autorange` with ``min_run_time=0`
 one untimed run (the Timer's warm-up, which also puts the contender's own state in
 the caches and the allocator after the previous contender's), then one timed block
 of one run. Medians come from the merged :class:`~torch.utils.benchmark.Measurement`.
+Contenders of many seconds each (the ``eval`` section) can skip the untimed run
+(``untimed_run=False``): each round is then one timed run, with Python's garbage collector
+on, as in real use.
 """
 import json
 import logging
@@ -26,6 +29,7 @@ _level = _cpp_ext_log.level
 _cpp_ext_log.setLevel(logging.ERROR)
 try:
     from torch.utils.benchmark import Measurement, Timer  # noqa: E402
+    from torch.utils.benchmark.utils.common import TaskSpec  # noqa: E402
 finally:
     _cpp_ext_log.setLevel(_level)
 
@@ -65,6 +69,16 @@ class _Clock:
         cpu = sum(marks[1::2]) - sum(marks[0::2])
         return m, cpu / (len(m.raw_times) * m.number_per_run)
 
+    def measure_once(self, fn: Callable[[], object], task_spec: TaskSpec) -> Tuple[Measurement, float]:
+        """One timed run of ``fn`` and nothing else (no warm-up run, the garbage collector
+        left as it is); returns the measurement and its CPU seconds."""
+        self.cpu_marks.clear()
+        start = self()
+        fn()
+        wall = self() - start
+        cpu = self.cpu_marks[1] - self.cpu_marks[0]
+        return Measurement(number_per_run=1, raw_times=[wall], task_spec=task_spec), cpu
+
 
 def measure_interleaved(
     contenders: Dict[str, Callable[[], object]],
@@ -77,6 +91,7 @@ def measure_interleaved(
     memory: bool,
     label: str,
     log: Callable[[str], None],
+    untimed_run: bool = True,
 ) -> List[dict]:
     """Time every contender in ``repeats`` interleaved rounds after ``warmup`` untimed
     ones, then measure each one's peak memory in one more, untimed, run.
@@ -89,6 +104,8 @@ def measure_interleaved(
         memory: measure peak memory (else ``peak_mem_mb`` is None).
         label: the Timers' label (e.g. "backbone forward").
         log: progress messages.
+        untimed_run: each timed run comes after an untimed one (the Timer's warm-up);
+            False: one timed run per round and nothing else (contenders of many seconds).
 
     Returns:
         One row per contender, in the order given: median/min/all times, median CPU
@@ -114,7 +131,11 @@ def measure_interleaved(
     cpus: Dict[str, List[float]] = {k: [] for k in contenders}
     for r in range(warmup, warmup + repeats):
         for name, timer in timers.items():
-            m, cpu = clock.measure(timer)
+            if untimed_run:
+                m, cpu = clock.measure(timer)
+            else:
+                spec = TaskSpec("fn()", "pass", label=label, description=name, num_threads=torch.get_num_threads())
+                m, cpu = clock.measure_once(contenders[name], spec)
             runs[name].append(m)
             cpus[name].append(cpu)
         log(f"  round {r + 1}/{warmup + repeats}")

@@ -52,7 +52,8 @@ def run_benchmark(
         "method": {
             "timing": TIMING_METHOD,
             "memory": memory_method(s.device),
-            "speedup_vs_builtin": "built-in fp32 median time / contender median time",
+            "speedup_vs_builtin": "built-in fp32 median time / contender median time "
+            "(eval section: pycocotools' median time / contender median time)",
         },
         "sections": {},
     }
@@ -133,6 +134,10 @@ def setup_info(s: BenchmarkSettings, configs: Dict[str, str]) -> dict:
         "overhead_depths": list(s.overhead_depths),
         "repeats": s.repeats,
         "warmup": s.warmup,
+        "eval_images": s.eval_images,
+        "eval_segm_images": s.eval_segm_images,
+        "eval_path_images": s.eval_path_images,
+        "eval_repeats": s.eval_repeats,
     }
 
 
@@ -151,7 +156,14 @@ def format_header(result: dict) -> str:
     if "overhead" in what:
         depths = ", ".join(map(str, u["overhead_depths"]))
         sizes.append(f"overhead {u['batch']} x {u['overhead_size']} px (R-D vs X-D-32x4d, D = {depths})")
+    if "eval" in what:
+        sizes.append(
+            f"eval synthetic COCO sets of {u['eval_images']} (bbox), {u['eval_segm_images']} (segm) and "
+            f"{u['eval_path_images']} (project path) images, median of {u['eval_repeats']} runs, no warm-up"
+        )
     threads = f"{u['threads']} torch thread" + ("s" if u["threads"] != 1 else "")
+    if what == ["eval"]:  # no model is timed
+        return f"COCO evaluation; device cpu, {threads}\nimages: {'; '.join(sizes)}"
     return (
         f"model: {u['model']}, {u['norm']}; device {u['device']}, {threads}; "
         f"median of {u['repeats']} after {u['warmup']} warm-up rounds\n"
@@ -172,7 +184,7 @@ def format_table(section: str, rows: List[dict]) -> str:
     lines = [f"== {section} =="]
     head = (
         f"{'contender':42s} {'median s':>9s} {'min s':>8s} {'cpu s':>8s} {'img/s':>8s} "
-        f"{'x builtin':>9s} {'peak MB':>8s}"
+        f"{'x pycoco' if section == 'eval' else 'x builtin':>9s} {'peak MB':>8s}"
     )
     groups: Dict[str, List[dict]] = {}
     for r in rows:
@@ -184,6 +196,8 @@ def format_table(section: str, rows: List[dict]) -> str:
         for r in rs:
             over = r.get("overhead_vs_resnet")
             extra = "" if over is None else f"  overhead vs ResNet {over:.2f}x"
+            if "max_stat_diff" in r:
+                extra += f"  AP {r['stats'][0]:.4f}, stats - pycocotools' <= {r['max_stat_diff']:.0e}"
             lines.append(
                 f"{r['contender']:42s} {r['median_s']:9.4f} {r['min_s']:8.4f} {r['cpu_s']:8.4f} "
                 f"{r['images_per_s']:8.2f} "
@@ -206,7 +220,8 @@ def format_markdown(result: dict) -> str:
         out += [line[0].upper() + line[1:] + "." for line in format_header(result).splitlines()] + [""]
     for section, rows in result["sections"].items():
         out += [f"**{section}**", ""]
-        out.append("| | contender | median s | min s | CPU s | images/s | vs built-in | peak MB |")
+        vs = "vs pycocotools" if section == "eval" else "vs built-in"
+        out.append(f"| | contender | median s | min s | CPU s | images/s | {vs} | peak MB |")
         out.append("|---|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = r.get("speedup_vs_builtin")

@@ -12,6 +12,9 @@
 * ``overhead``: ResNeXt vs ResNet at the same FLOPs (X-D-32x4d vs R-D), trunk
   forward+backward with trainable BN as in ImageNet training: the paper reports
   1.36x for ResNeXt-101 (0.95 s vs 0.70 s per mini-batch).
+* ``eval``: COCO evaluation, pycocotools' ``COCOeval`` against the compiled one, on a
+  synthetic COCO-sized set (bbox, segm), and the project's whole evaluation path
+  (:mod:`.coco_eval`).
 """
 import copy
 import os
@@ -23,6 +26,7 @@ from detectron2.modeling import build_backbone
 
 from ..fast import amp_dtype, fuse_frozen_bn, prepare_for_inference
 from ..modeling import ResNeXtSpec
+from .coco_eval import section_eval
 from .contenders import (
     backbone_fn,
     builtin_cfg,
@@ -192,4 +196,5 @@ SECTION_RUNNERS = {
     "inference": section_inference,
     "proposals": section_proposals,
     "overhead": section_overhead,
+    "eval": section_eval,
 }

@@ -13,7 +13,7 @@ import torch
 __all__ = ["SECTIONS", "ARCHS", "BUILTIN_DEPTHS", "FAST_OPTS", "BenchmarkSettings"]
 
 #: The sections of a run, in the order they run.
-SECTIONS = ("backbone", "detector", "inference", "proposals", "overhead")
+SECTIONS = ("backbone", "detector", "inference", "proposals", "overhead", "eval")
 #: Detector architectures: configs/Base-ResNeXt-FPN.yaml and Base-ResNeXt-C4.yaml.
 ARCHS = ("fpn", "c4")
 #: Depths of Detectron2's built-in ResNet (``MODEL.RESNETS.DEPTH``) with bottleneck blocks.
@@ -50,6 +50,12 @@ class BenchmarkSettings:
         compile: add the "ours fast+compile" contender (``MODEL.RESNEXT.COMPILE``).
         no_memory: skip the (slow, profiled) peak-memory run.
         fast_opts: config KEY VALUE pairs of the "ours fast" contender.
+        eval_images: images of the synthetic COCO set of the eval section's bbox timing
+            (5,000: COCO val2017's size).
+        eval_segm_images: the same for segm (0: skip it).
+        eval_path_images: images of the eval section's project-path timing (0: skip it).
+        eval_repeats: timed runs per contender in the eval section (one each, no warm-up:
+            every run takes seconds).
         json: write the results here (after every section, atomically).
         markdown: also write the tables as Markdown here.
         opts: KEY VALUE config overrides for every model.
@@ -71,6 +77,10 @@ class BenchmarkSettings:
     compile: bool = False
     no_memory: bool = False
     fast_opts: List[str] = field(default_factory=lambda: list(FAST_OPTS))
+    eval_images: int = 5000
+    eval_segm_images: int = 5000
+    eval_path_images: int = 2000
+    eval_repeats: int = 3
     json: Optional[str] = None
     markdown: Optional[str] = None
     opts: List[str] = field(default_factory=list)
@@ -86,9 +96,12 @@ class BenchmarkSettings:
             raise ValueError(f"--archs {','.join(self.archs)!r}: give fpn, c4 or fpn,c4")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device {self.device!r}: choose cpu or cuda")
-        for name in ("repeats", "size", "batch", "backbone_size", "overhead_size"):
+        for name in ("repeats", "size", "batch", "backbone_size", "overhead_size", "eval_images", "eval_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("eval_segm_images", "eval_path_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: skip it)")
         if self.warmup < 0:
             raise ValueError("--warmup must be >= 0")
         if self.threads < 0:

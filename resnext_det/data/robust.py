@@ -13,7 +13,8 @@ leave out. The checks themselves are :mod:`.checks`'; here is where the loaders 
   (:func:`~.checks.dataset_errors`) and its missing files left out
   (:func:`~.checks.drop_missing_images`); training also reports, per dataset, the boxes it
   drops and the first images that have them.
-* :class:`SkipAwareCOCOEvaluator` is Detectron2's ``COCOEvaluator`` scoring the images it
+* :class:`SkipAwareCOCOEvaluator` is Detectron2's ``COCOEvaluator`` (computing with a compiled
+  COCOeval: :class:`resnext_det.evaluation.FastCOCOEvaluator`) scoring the images it
   was given, no more: an image the loader skipped is neither counted as all missed nor
   silently lost: the results say ``skipped_images``, the log names them, and
   ``OUTPUT/skipped_images.json`` lists them, since the AP is then not the whole dataset's.
@@ -30,8 +31,8 @@ import detectron2.utils.comm as comm
 from detectron2.config import CfgNode
 from detectron2.data import DatasetFromList, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data.detection_utils import SizeMismatchError, check_metadata_consistency
-from detectron2.evaluation import COCOEvaluator
 
+from ..evaluation import FastCOCOEvaluator
 from ..utils.io import atomic_write_json
 from .checks import SHOWN, box_problems, check_image_file, dataset_errors, drop_missing_images
 from .checks import unusable_boxes  # noqa: F401  (defined here before; tests import it from here)
@@ -182,11 +183,12 @@ def build_evaluation_loader(
     return NonEmptyBatches(loader)
 
 
-class SkipAwareCOCOEvaluator(COCOEvaluator):
-    """Detectron2's ``COCOEvaluator`` (same arguments, same results) that scores only the
-    images the model was given. When the loader skipped some, COCO AP is computed over
-    the others (Detectron2 would count each skipped image's objects as missed), the results
-    get ``"skipped_images": N``, a warning names the first ones, and
+class SkipAwareCOCOEvaluator(FastCOCOEvaluator):
+    """Detectron2's ``COCOEvaluator`` (same arguments, same results; computing with the
+    fastest COCOeval installed, :class:`~resnext_det.evaluation.FastCOCOEvaluator`) that
+    scores only the images the model was given. When the loader skipped some, COCO AP is
+    computed over the others (Detectron2 would count each skipped image's objects as
+    missed), the results get ``"skipped_images": N``, a warning names the first ones, and
     ``output_dir/skipped_images.json`` lists them all. A missing json is one line
     (:func:`~.checks.dataset_errors`)."""
 
