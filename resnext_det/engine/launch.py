@@ -481,7 +481,7 @@ def _in_place(fn: Callable, args: argparse.Namespace, p: Placement, timeout: dat
 def _forward_to_children(signum, frame) -> None:
     """The launcher of ``--num-gpus`` processes: record the signal and pass it on (a
     ``kill`` of the launcher alone would otherwise reach no worker)."""
-    preemption.request_stop(signum) if preemption.stop_requested() is None else None
+    preemption.request_stop(signum)  # the first signal counts
     for child in multiprocessing.active_children():
         try:
             os.kill(child.pid, signum)
