@@ -23,6 +23,7 @@ SLURM job that hit its time limit. :func:`check_shared_output_dir` proves that a
 processes see one ``OUTPUT_DIR``.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -35,7 +36,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -475,7 +476,14 @@ def _in_place(fn: Callable, args: argparse.Namespace, p: Placement, timeout: dat
     )  # fmt: skip
     comm.create_local_process_group(p.processes_per_machine)
     comm.synchronize()
-    _worker(fn, args, timeout.total_seconds() / 60, status, p)
+    try:
+        _worker(fn, args, timeout.total_seconds() / 60, status, p)
+    finally:
+        # Torn down here, not by the interpreter's exit: gloo's threads destroyed at exit
+        # abort the process ("terminate called without an active exception"), which SLURM
+        # counts as a failed task of a job that succeeded.
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def _forward_to_children(signum, frame) -> None:
