@@ -50,6 +50,7 @@ from .setup import set_processes_on_host
 
 __all__ = [
     "Placement",
+    "TORCHRUN_VARS",
     "add_cluster_arguments",
     "check_shared_output_dir",
     "describe_placement",
@@ -70,7 +71,8 @@ USER_ERROR_EXIT = 2
 #: Time-limit requeues of one job before it is left to end (submitit's default too).
 DEFAULT_MAX_REQUEUES = 3
 
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+#: The variables torchrun gives each process it starts (where it stands, and the rendezvous).
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +296,7 @@ def resolve_placement(args: argparse.Namespace, environ: Optional[Mapping[str, s
         ConfigError: the flags contradict what started the process (one line, naming the flag).
     """
     env = os.environ if environ is None else environ
-    if all(v in env for v in _TORCHRUN_VARS):
+    if all(v in env for v in TORCHRUN_VARS):
         return _torchrun(args, env)
     placed = _slurm(args, env)
     if placed is not None:

@@ -91,7 +91,6 @@ _ACTIVE_STATES = {
     "PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SPECIAL_EXIT", "COMPLETING",
     "CONFIGURING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD",
 }  # fmt: skip
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _submitit():
@@ -252,7 +251,7 @@ class TrainJob:
         if env.cluster == "local":
             _export_torchrun_variables(env)
         else:  # SLURM's variables place the task; torchrun's from the submitting shell must not
-            for name in _TORCHRUN_VARS:
+            for name in launch.TORCHRUN_VARS:
                 os.environ.pop(name, None)
         errors: List[str] = []
 
