@@ -1,8 +1,10 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
 """resnext_det: ResNeXt (Xie et al., CVPR 2017) for Detectron2.
 
-Importing the package registers its backbones, ROI heads and datasets with
-Detectron2's registries and catalogs.
+Importing the package registers its backbones, ROI heads, the Appendix B
+meta-architecture (``UnsharedRCNN``) and the shapes datasets with Detectron2's
+registries and catalogs, and imports nothing of training, the Appendix B schedule,
+export or benchmarks (their modules load when used).
 """
 import difflib
 import os
@@ -44,7 +46,6 @@ from .modeling import (
 from .presets import PRESETS, STAGE_BLOCKS
 from .checkpoint import ResNeXtCheckpointer, convert_weights
 from . import data as _  # registration: shapes_train, shapes_val
-from . import unshared as _  # noqa: F811  registration: UnsharedRCNN (Appendix B)
 
 #: The shipped configs: ``configs/`` of the repository, installed with the package
 #: (``resnext_det/configs`` is a link to it, as Detectron2's ``model_zoo/configs``).

@@ -1,7 +1,7 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
 """The errors that mean "what you gave needs changing" (a config value, a file, a
 command-line argument). Their messages name the key or file and the fix, and the
-entry points (:func:`resnext_det.engine.cli.run_tool`) print them as one line and
+entry points (:func:`resnext_det.cli.tool.run_tool`) print them as one line and
 exit with status 2. Every other exception is a bug or a failure of the machine
 and keeps its traceback. Ctrl-C is the user's too: :class:`Interrupted` carries where
 the work stopped and how to continue, and the entry points print it as one line and

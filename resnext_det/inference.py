@@ -22,7 +22,8 @@ import detectron2.data.transforms as T
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Instances
 
-from .checkpoint import ResNeXtCheckpointer
+from .checkpoint import ResNeXtCheckpointer, final_checkpoint
+from .engine.setup import override_keys
 from .engine.trainer import Trainer
 from .errors import ConfigError, MissingFileError
 from .fast import prepare_for_inference
@@ -66,10 +67,6 @@ def build_inference_model(
     return prepare_for_inference(model, cfg).eval()
 
 
-def _has_opt(opts: Sequence[str], key: str) -> bool:
-    return key in list(opts)[::2]
-
-
 def resolve_weights(cfg, opts: Sequence[str] = (), *, config_file: Optional[str] = None) -> str:
     """The checkpoint to run: ``MODEL.WEIGHTS`` if set on the command line, else
     ``OUTPUT_DIR/model_final.pth`` if it exists, else the ``model_final.pth`` beside
@@ -80,12 +77,12 @@ def resolve_weights(cfg, opts: Sequence[str] = (), *, config_file: Optional[str]
     Raises:
         MissingFileError: nothing to load, with what to do about it.
     """
-    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    if _has_opt(opts, "MODEL.WEIGHTS") and cfg.MODEL.WEIGHTS:
+    final = final_checkpoint(cfg.OUTPUT_DIR)
+    if "MODEL.WEIGHTS" in override_keys(opts) and cfg.MODEL.WEIGHTS:
         return cfg.MODEL.WEIGHTS
     if os.path.isfile(final):
         return final
-    beside = os.path.join(os.path.dirname(config_file), "model_final.pth") if config_file else ""
+    beside = final_checkpoint(os.path.dirname(config_file)) if config_file else ""
     if beside and os.path.isfile(beside):
         return beside
     if cfg.MODEL.WEIGHTS:

@@ -447,7 +447,7 @@ def test_tool_exports_onnx_and_verifies(tmp_path):
 
 def test_tool_refuses_unsafe_opset_in_one_line(tmp_path, capsys):
     """What the tool runs (``run_tool(run_export)``, in process): exit status 2, one line."""
-    from resnext_det.engine.cli import run_tool
+    from resnext_det.cli.tool import run_tool
 
     status = run_tool(
         lambda: E.run_export(
@@ -530,8 +530,8 @@ def test_tool_exports_a_fine_tuned_run_from_its_config_yaml(tmp_path):
 def test_tool_reads_its_config_file_with_train_nets_errors(tmp_path, capsys):
     """A missing and a broken --config-file end export_model.py exactly as they end
     tools/train_net.py: one line, the same message, exit status 2."""
-    from resnext_det.engine import cli
-    from resnext_det.engine.cli import run_tool
+    from resnext_det.cli import train_net as cli
+    from resnext_det.cli.tool import run_tool
 
     broken = tmp_path / "config.yaml"
     broken.write_text("MODEL:\n  WEIGHTS: [unclosed\n")

@@ -23,7 +23,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from resnext_det.data import check_num_classes, dataset_classes, register_coco
 from resnext_det.engine import setup_cfg
-from resnext_det.engine.cli import cli, run_tool
+from resnext_det.cli.tool import run_tool
+from resnext_det.cli.train_net import cli
 from resnext_det.engine.setup import available_cores
 from resnext_det.errors import ConfigError, MissingFileError, UserError
 from resnext_det.inference import build_inference_model

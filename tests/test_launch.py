@@ -1,4 +1,4 @@
-"""One command under Detectron2's launch, torchrun and SLURM's variables (resnext_det.engine.launch),
+"""One command under Detectron2's launch, torchrun and SLURM's variables (resnext_det.cli.launch),
 stopped by the cluster's signals at a safe point (resnext_det.engine.preemption), and never hung
 by a dead process (issue #21).
 
@@ -18,7 +18,7 @@ import pytest
 from detectron2.engine import default_argument_parser
 
 from resnext_det.engine import preemption
-from resnext_det.engine.launch import (
+from resnext_det.cli.launch import (
     add_cluster_arguments,
     describe_placement,
     resolve_placement,

@@ -24,7 +24,7 @@ from resnext_det.checkpoint.metadata import WeightsConfigError
 from resnext_det.checkpoint.readers import CheckpointReadError
 from resnext_det.data.robust import SkipUnreadableImages, training_dataset_dicts, unusable_boxes
 from resnext_det.engine import Trainer, setup_cfg
-from resnext_det.engine.cli import run_tool
+from resnext_det.cli.tool import run_tool
 from resnext_det.errors import ConfigError, UserError
 from resnext_det.unshared.proposals import load_proposal_file
 from resnext_det.utils.io import atomic_write, atomic_write_bytes, remove_stale_temporaries
@@ -118,7 +118,7 @@ _KILLER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(obj, f, *a, **k)
     torch.save = save
-    from resnext_det.engine.cli import cli
+    from resnext_det.cli.train_net import cli
     cli(sys.argv[1:])
     """
 )

@@ -27,7 +27,8 @@ from detectron2.engine import defaults as d2_defaults
 from resnext_det.checkpoint import CheckpointReadError, ResNeXtCheckpointer, WeightsConfigError
 from resnext_det.checkpoint.readers import torch_load_weights
 from resnext_det.config import add_resnext_config
-from resnext_det.engine.cli import INTERRUPT_NOTE_ENV, cli, run_tool
+from resnext_det.cli.tool import INTERRUPT_NOTE_ENV, run_tool
+from resnext_det.cli.train_net import cli
 from resnext_det.errors import Interrupted
 from test_first_hour import FPN_1X, TINY, draw_coco, readme_command, run_readme
 

@@ -16,9 +16,10 @@ import submitit
 from submitit.local.local import LocalJob
 from submitit.slurm.slurm import SlurmExecutor, SlurmJob
 
-from resnext_det.engine import launch, preemption
-from resnext_det.engine import submit as sub
-from resnext_det.engine.cli import run_tool
+from resnext_det.cli import launch
+from resnext_det.engine import preemption
+from resnext_det.cli import submit as sub
+from resnext_det.cli.tool import run_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs/quickstart/faster_rcnn_X_26_8x4d_FPN_shapes.yaml")
@@ -251,7 +252,7 @@ def _fake_cli(local_task, fn):
         seen["env"] = dict(os.environ)
         return fn()
 
-    local_task.setattr("resnext_det.engine.submit.cli", cli)
+    local_task.setattr("resnext_det.cli.submit.cli", cli)
     return seen
 
 

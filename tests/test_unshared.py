@@ -42,7 +42,7 @@ from detectron2.utils.events import EventStorage
 
 import resnext_det  # noqa: F401  registers UnsharedRCNN and the shapes data
 from resnext_det.engine import Trainer, setup_cfg
-from resnext_det.engine import cli as train_cli
+from resnext_det.cli import train_net as train_cli
 from resnext_det.unshared import (
     STAGE_DIRS,
     TABLE8,

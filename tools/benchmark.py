@@ -28,7 +28,7 @@ import warnings
 from typing import List, Optional, Sequence
 
 from resnext_det.benchmark import ARCHS, SECTIONS, BenchmarkSettings, run_benchmark
-from resnext_det.engine.cli import run_tool
+from resnext_det.cli.tool import run_tool
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

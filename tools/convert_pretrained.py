@@ -40,7 +40,7 @@ from resnext_det.checkpoint import (
     save_converted,
     verify_conversion,
 )
-from resnext_det.engine.cli import run_tool
+from resnext_det.cli.tool import run_tool
 from resnext_det.presets import PRESETS
 from resnext_det.utils.io import atomic_write_text
 

@@ -57,7 +57,7 @@ from detectron2.utils.logger import setup_logger
 
 from resnext_det.data import add_register_coco_argument, check_num_classes, dataset_classes, register_coco_datasets
 from resnext_det.engine import setup_cfg, setup_logging
-from resnext_det.engine.cli import run_tool
+from resnext_det.cli.tool import run_tool
 from resnext_det.errors import ConfigError
 from resnext_det.inference import Predictor, resolve_weights, trained_size_mismatch
 from resnext_det.utils.io import atomic_write_json

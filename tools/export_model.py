@@ -39,7 +39,7 @@ one line on standard error and exit status 2
 import argparse
 import sys
 
-from resnext_det.engine.cli import run_tool
+from resnext_det.cli.tool import run_tool
 from resnext_det.engine.setup import setup_logging
 from resnext_det.export import DEFAULT_OPSET, FORMATS, METHODS, run_export
 

@@ -35,8 +35,8 @@ from detectron2.utils import comm
 
 from resnext_det.checkpoint import ResNeXtCheckpointer, attach_weights_record
 from resnext_det.data import add_register_coco_argument, register_coco_datasets
-from resnext_det.engine.cli import run_tool
-from resnext_det.engine.launch import add_cluster_arguments, check_shared_output_dir, launch_main, log_placement
+from resnext_det.cli.tool import run_tool
+from resnext_det.cli.launch import add_cluster_arguments, check_shared_output_dir, launch_main, log_placement
 from resnext_det.engine.setup import check_lazy_device, setup_logging
 from resnext_det.engine.trainer import StopAndSave
 from resnext_det.errors import ConfigError

@@ -9,7 +9,7 @@
 import argparse
 import sys
 
-from resnext_det.engine.cli import run_tool
+from resnext_det.cli.tool import run_tool
 from resnext_det.plots import plot_results
 
 

@@ -22,7 +22,7 @@ import os
 import sys
 
 from resnext_det.data import add_register_coco_argument, register_coco_datasets
-from resnext_det.engine.cli import run_tool
+from resnext_det.cli.tool import run_tool
 from resnext_det.pretrain import STAGE0_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -44,7 +44,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from resnext_det.engine.cli import INTERRUPT_NOTE_ENV, INTERRUPTED_EXIT, run_tool
+from resnext_det.cli.tool import INTERRUPT_NOTE_ENV, INTERRUPTED_EXIT, run_tool
 from resnext_det.errors import ConfigError, Interrupted
 from resnext_det.utils.io import atomic_write_json, atomic_write_text
 
@@ -290,13 +290,14 @@ def draw_val_images(cfg, output_dir: str, *, num_images: int, scale: float = 2.0
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
+    from resnext_det.checkpoint import final_checkpoint
     from resnext_det.inference import Predictor
     from resnext_det.visualize import instances_to_draw, write_image
 
     name = cfg.DATASETS.TEST[0]
     meta = MetadataCatalog.get(name)
     dicts = DatasetCatalog.get(name)[:num_images]
-    predictor = Predictor(cfg, weights=os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+    predictor = Predictor(cfg, weights=final_checkpoint(cfg.OUTPUT_DIR))
     written = []
     for d in dicts:
         bgr = cv2.imread(d["file_name"], cv2.IMREAD_COLOR)

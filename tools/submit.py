@@ -17,13 +17,14 @@ goes to the job; the flags below are the cluster's. The config is checked before
 submitting. It prints one line, ``Submitted job <id>: ...``, with the log of task 0 and
 how to follow it; with ``--wait`` it exits with the job's status (0, or 1 and the failing
 task's last lines). A bad flag or config: one line ``submit.py: error: ...``, exit 2.
-The work is done by :mod:`resnext_det.engine.submit`.
+The work is done by :mod:`resnext_det.cli.submit`.
 """
 import argparse
 import sys
 
-from resnext_det.engine import submit
-from resnext_det.engine.cli import argument_parser as train_net_parser, run_tool
+from resnext_det.cli import submit
+from resnext_det.cli.tool import run_tool
+from resnext_det.cli.train_net import argument_parser as train_net_parser
 from resnext_det.errors import ConfigError
 
 

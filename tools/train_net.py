@@ -14,11 +14,12 @@ Any ``KEY VALUE`` pairs after the flags override the config (Detectron2's ``opts
 A bad config, bad weights or a missing file end the run with one line that names what
 to fix, on standard error, and exit status 2 (``RESNEXT_DET_TRACEBACK=1`` adds the
 traceback). Other failures keep Python's traceback. The work is done by
-:mod:`resnext_det.engine.cli`.
+:mod:`resnext_det.cli.train_net`.
 """
 import sys
 
-from resnext_det.engine.cli import cli, run_tool
+from resnext_det.cli.tool import run_tool
+from resnext_det.cli.train_net import cli
 
 if __name__ == "__main__":
     sys.exit(run_tool(cli, "train_net.py"))

@@ -8,7 +8,7 @@ every ratio), ours in fp32, ours with the fast path, torchvision's trunk. Sectio
 see :mod:`.sections`; method: see :mod:`.measure`.
 """
 from .contenders import builtin_cfg, copy_weights, our_cfg, synthetic_batch
-from .measure import cpu_peak_tensor_mb, measure_interleaved, peak_memory_mb
+from ..utils.measure import cpu_peak_tensor_mb, measure_interleaved, peak_memory_mb
 from .report import format_markdown, format_table, machine_info, run_benchmark
 from .sections import SECTION_RUNNERS, config_files
 from .settings import ARCHS, BUILTIN_DEPTHS, FAST_OPTS, SECTIONS, BenchmarkSettings

@@ -40,7 +40,7 @@ from detectron2.structures import Boxes, Instances
 from ..data.robust import SkipAwareCOCOEvaluator
 from ..evaluation import coco_eval_backend, gc_paused
 from ..utils.io import atomic_write_json
-from .measure import measure_interleaved
+from ..utils.measure import measure_interleaved
 from .settings import BenchmarkSettings
 
 __all__ = [

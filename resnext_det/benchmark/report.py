@@ -13,7 +13,7 @@ from ..fast.amp import cpu_has_fast_bf16
 from ..modeling import ResNeXtSpec
 from ..utils.io import atomic_write_json, atomic_write_text
 from .contenders import our_cfg
-from .measure import TIMING_METHOD, memory_method
+from ..utils.measure import TIMING_METHOD, memory_method
 from .sections import SECTION_RUNNERS, config_files
 from .settings import BenchmarkSettings
 

@@ -38,7 +38,7 @@ from .contenders import (
     torchvision_trunk,
     train_step_fn,
 )
-from .measure import measure_interleaved
+from ..utils.measure import measure_interleaved
 from .settings import BenchmarkSettings
 
 __all__ = ["SECTION_RUNNERS", "config_files"]

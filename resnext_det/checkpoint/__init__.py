@@ -18,7 +18,7 @@ from .convert import (
     infer_arch,
     save_converted,
 )
-from .loading import ResNeXtCheckpointer, WeightsRecord, attach_weights_record
+from .loading import ResNeXtCheckpointer, WeightsRecord, attach_weights_record, final_checkpoint
 from .metadata import (
     CONVENTIONS,
     METADATA_KEY,
@@ -57,6 +57,7 @@ __all__ = [
     "ResNeXtCheckpointer",
     "WeightsRecord",
     "attach_weights_record",
+    "final_checkpoint",
     "DetectorConvention",
     "detector_convention",
     "WeightsSource",

@@ -43,7 +43,6 @@ _BN_STATS = ("weight", "bias", "running_mean", "running_var")
 _D2_BACKBONE_KEY = re.compile(
     r"(stem\.conv1|res[2-5]\.\d+\.(conv[123]|shortcut))(\.norm)?\.(weight|bias|running_mean|running_var)"
 )
-_STAGES = ("res2", "res3", "res4", "res5")
 
 
 class ConversionError(UserError):

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from ..modeling.resnext import ResNeXt
-from ..modeling.spec import ResNeXtSpec, ResNeXtSpecError
+from ..modeling.spec import STAGE_NAMES, ResNeXtSpec, ResNeXtSpecError
 from ..presets import PRESETS
-from .formats import _STAGES, ConversionError
+from .formats import ConversionError
 from .metadata import CONVENTIONS, InputConvention, WeightsMetadata
 
 __all__ = [
@@ -34,7 +34,7 @@ def infer_arch(sd: Dict[str, torch.Tensor], *, stride_in_1x1: bool = False) -> R
     block indices, C and d from res2.0's grouped 3x3 conv (weight shape
     (C*d, d, 3, 3): d is its input channels per group, Sec. 3.3 / Fig. 3c)."""
     blocks = []
-    for s in _STAGES:
+    for s in STAGE_NAMES:
         idx = sorted({int(m[1]) for k in sd for m in [re.match(rf"{s}\.(\d+)\.", k)] if m})
         if not idx:
             raise ConversionError(f"the weights have no {s} blocks: not a 4-stage ResNeXt/ResNet")
@@ -71,7 +71,7 @@ def infer_arch(sd: Dict[str, torch.Tensor], *, stride_in_1x1: bool = False) -> R
 def trunk_spec(arch: ResNeXtSpec) -> ResNeXtSpec:
     """``arch`` as the whole ImageNet trunk (stem..res5 out, FrozenBN, nothing frozen):
     the model a converted file is checked and verified against."""
-    return arch.replace(norm="FrozenBN", out_features=_STAGES, freeze_at=0, form="c")
+    return arch.replace(norm="FrozenBN", out_features=STAGE_NAMES, freeze_at=0, form="c")
 
 
 def check_against_model(sd: Dict[str, torch.Tensor], arch: ResNeXtSpec) -> None:

@@ -55,8 +55,18 @@ __all__ = [
     "attach_weights_record",
     "backbone_targets",
     "classify_checkpoint",
+    "final_checkpoint",
     "weights_file",
 ]
+
+#: What a finished training run leaves in its folder (Detectron2's trainer saves "model_final").
+FINAL_CHECKPOINT = "model_final"
+
+
+def final_checkpoint(folder: str) -> str:
+    """``folder/model_final.pth``: the checkpoint a finished training run (Detectron2's
+    trainer, a training stage of the Appendix B schedule) leaves in its ``OUTPUT_DIR``."""
+    return os.path.join(folder, FINAL_CHECKPOINT + ".pth")
 
 logger = logging.getLogger(__name__)
 _BACKBONE_ONLY = re.compile(r"^(stem|res[2-5])\.")
@@ -292,7 +302,7 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
             out.append(os.path.join(self.save_dir, last))
         others = sorted(
             (f for f in os.listdir(self.save_dir) if re.fullmatch(r"model_(\d+|final)\.pth", f)),
-            key=lambda f: (f == "model_final.pth", f),
+            key=lambda f: (f == FINAL_CHECKPOINT + ".pth", f),
             reverse=True,
         )
         out += [os.path.join(self.save_dir, f) for f in others if os.path.join(self.save_dir, f) not in out]

@@ -18,11 +18,11 @@ from ..modeling.resnext import ResNeXt
 from .convert import ConversionResult
 from .formats import ConversionError, _field, _t7_modules, _typename, torch7_layout
 from .layout import trunk_spec
+from ..modeling.spec import STAGE_NAMES
 
 __all__ = ["reference_features", "verify_conversion", "max_relative_error"]
 
 logger = logging.getLogger(__name__)
-_STAGES = ("res2", "res3", "res4", "res5")
 
 
 def _num_classes(tensors) -> int:
@@ -58,7 +58,7 @@ def _torchvision_features(result: ConversionResult, x: torch.Tensor) -> Dict[str
     model.eval()
     h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
     out = {}
-    for s, layer in zip(_STAGES, (model.layer1, model.layer2, model.layer3, model.layer4)):
+    for s, layer in zip(STAGE_NAMES, (model.layer1, model.layer2, model.layer3, model.layer4)):
         h = layer(h)
         out[s] = h
     return out
@@ -83,7 +83,7 @@ def _timm_features(result: ConversionResult, x: torch.Tensor) -> Dict[str, torch
     model.eval()
     h = model.maxpool(model.act1(model.bn1(model.conv1(x))))
     out = {}
-    for s, layer in zip(_STAGES, (model.layer1, model.layer2, model.layer3, model.layer4)):
+    for s, layer in zip(STAGE_NAMES, (model.layer1, model.layer2, model.layer3, model.layer4)):
         h = layer(h)
         out[s] = h
     return out
@@ -133,8 +133,8 @@ def _torch7_features(result: ConversionResult, x: torch.Tensor) -> Dict[str, tor
     # A stage's output is that of its last block: the ConcatTable's sum after CAddTable and
     # ReLU in the same container (blocks may be inlined in their stage's or the network's
     # nn.Sequential), else the end of the container that holds the ConcatTable.
-    last_blocks = {id(stage[-1][0]): name for name, stage in zip(_STAGES, stages)}
-    last_concats = {id(stage[-1][1]): name for name, stage in zip(_STAGES, stages)}
+    last_blocks = {id(stage[-1][0]): name for name, stage in zip(STAGE_NAMES, stages)}
+    last_concats = {id(stage[-1][1]): name for name, stage in zip(STAGE_NAMES, stages)}
     out: Dict[str, torch.Tensor] = {}
 
     def record(name, h):
@@ -225,7 +225,7 @@ def _detectron2_features(result: ConversionResult, x: torch.Tensor) -> Dict[str,
             )
         )
         in_ch, out_ch, width = out_ch, out_ch * 2, width * 2
-    model = ResNet(stem, stages, out_features=list(_STAGES)).eval()
+    model = ResNet(stem, stages, out_features=list(STAGE_NAMES)).eval()
     sd = {k: v for k, v in result.source.tensors.items() if k in model.state_dict()}
     # Detectron2's FrozenBN takes files without running statistics (affine only).
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -275,4 +275,4 @@ def verify_conversion(
     model.load_state_dict(result.state_dict, strict=True)
     # --to-rgb weights take the channels reversed: feed them the same image.
     ours = model(x.flip(1) if result.flipped_to_rgb else x)
-    return {s: (float((ours[s] - ref[s]).abs().max()), float(ref[s].abs().max())) for s in _STAGES}
+    return {s: (float((ours[s] - ref[s]).abs().max()), float(ref[s].abs().max())) for s in STAGE_NAMES}

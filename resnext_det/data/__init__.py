@@ -18,9 +18,9 @@ from .shapes import (
     ensure_shapes,
     generate_shapes,
     load_shapes_json,
+    register_all_shapes,
     register_shapes,
 )
-from .shapes import _register_all
 
 __all__ = [
     "DatasetCheck",
@@ -36,7 +36,8 @@ __all__ = [
     "ensure_shapes",
     "generate_shapes",
     "load_shapes_json",
+    "register_all_shapes",
     "register_shapes",
 ]
 
-_register_all()  # shapes_train, shapes_val (data generated on first use)
+register_all_shapes()  # shapes_train, shapes_val (data generated on first use)

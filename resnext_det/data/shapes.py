@@ -534,7 +534,9 @@ def register_shapes(name: str, *, split: str, root: Optional[str] = None) -> Non
     MetadataCatalog[name] = meta
 
 
-def _register_all() -> None:
+def register_all_shapes() -> None:
+    """Register ``shapes_train`` and ``shapes_val`` (once; the images are generated on first
+    use), as Detectron2's ``register_all_coco`` does for COCO's splits."""
     from detectron2.data import DatasetCatalog
 
     for split in _SPLITS:

@@ -16,7 +16,7 @@ recorded, and the work goes on until a safe point (the end of a training iterati
 of a chunk of proposals, of a stage) where every process agrees to stop
 (:func:`agree`, one collective), the main process saves the state *of that point*,
 and :class:`Preempted` ends each process's work. The launcher
-(:mod:`resnext_det.engine.launch`) then requeues the job after a time-limit signal.
+(:mod:`resnext_det.cli.launch`) then requeues the job after a time-limit signal.
 
 A handler that was installed before ours (submitit installs one for its ``USR2``
 that checkpoints the submission, requeues the job and exits) is not lost: it is

@@ -98,6 +98,11 @@ def _merge_file(cfg: CfgNode, config_file: str) -> None:
         raise ConfigError(f"--config-file {config_file!r}: {text}") from e
 
 
+def override_keys(opts: Sequence[str]) -> List[str]:
+    """The KEYs of the command line's ``KEY VALUE ...`` config overrides."""
+    return [str(k) for k in list(opts)[::2]]
+
+
 def _merge_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
     opts = list(opts)
     if opts[:1] == ["--"]:

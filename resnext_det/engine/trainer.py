@@ -16,7 +16,7 @@ from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer
 from detectron2.evaluation import DatasetEvaluators
 
-from ..checkpoint import ResNeXtCheckpointer, attach_weights_record
+from ..checkpoint import ResNeXtCheckpointer, attach_weights_record, final_checkpoint
 from ..data.robust import (
     SkipAwareCOCOEvaluator,
     SkipUnreadableImages,
@@ -78,7 +78,7 @@ class Trainer(DefaultTrainer):
         """Train; a run resumed at ``MAX_ITER`` (killed while the final checkpoint was
         written) writes ``model_final.pth`` from the restored state instead of nothing."""
         out = super().train()
-        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        final = final_checkpoint(self.cfg.OUTPUT_DIR)
         if comm.is_main_process() and self.iter >= self.max_iter - 1 and not os.path.isfile(final):
             self.checkpointer.save("model_final", iteration=self.max_iter - 1)
         comm.synchronize()

@@ -16,9 +16,10 @@ from detectron2.modeling import GeneralizedRCNN, RetinaNet
 from detectron2.structures import ImageList, Instances
 
 from ..data.shapes import ensure_shapes, shapes_image_root
+from ..engine.setup import override_keys
 from ..errors import ConfigError
 from ..inference import build_inference_model, resolve_weights
-from ..unshared import UnsharedRCNN
+from ..modeling.unshared_rcnn import UnsharedRCNN
 from .constants import ExportError
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,7 @@ def export_weights(cfg, opts: Sequence[str] = (), *, config_file: Optional[str] 
     ``config_file`` (a run's ``OUTPUT_DIR/config.yaml``), else the config's
     ``MODEL.WEIGHTS``), or ``""`` when ``opts`` set ``MODEL.WEIGHTS ""``: the
     randomly initialised model, for smoke tests and CI."""
-    pairs = dict(zip(list(opts)[::2], list(opts)[1::2]))
-    if "MODEL.WEIGHTS" in pairs and not cfg.MODEL.WEIGHTS:
+    if "MODEL.WEIGHTS" in override_keys(opts) and not cfg.MODEL.WEIGHTS:
         return ""
     return resolve_weights(cfg, opts, config_file=config_file)
 

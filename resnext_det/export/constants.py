@@ -37,4 +37,4 @@ _SCRIPT_FIELDS = {
 class ExportError(UserError):
     """An export that cannot be done, or that would compute another model; the
     message is one line that says why and what to do instead. Tools print it as
-    one line and exit with status 2 (:func:`resnext_det.engine.cli.run_tool`)."""
+    one line and exit with status 2 (:func:`resnext_det.cli.tool.run_tool`)."""

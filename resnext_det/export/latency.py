@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..benchmark.measure import measure_interleaved
+from ..utils.measure import measure_interleaved
 from ..engine import Trainer
 from ..fast import fold_frozen_bn, prepare_for_inference
 from .adapters import export_config, preprocess, sample_image

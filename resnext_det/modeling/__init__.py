@@ -9,3 +9,4 @@ from .resnext import (
 )
 from .roi_heads import ResNeXtRes5ROIHeads
 from .spec import BLOCK_FORMS, ResNeXtSpec, ResNeXtSpecError
+from .unshared_rcnn import UnsharedRCNN, network_configs

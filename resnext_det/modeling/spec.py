@@ -14,9 +14,10 @@ from ..config import RESNEXT_ARCH_DEFAULTS
 from ..presets import PRESETS, STAGE_BLOCKS, preset_name, standard_depth
 from ..errors import ConfigError
 
-__all__ = ["BLOCK_FORMS", "FEATURE_NAMES", "NORMS", "ResNeXtSpec", "ResNeXtSpecError"]
+__all__ = ["BLOCK_FORMS", "FEATURE_NAMES", "NORMS", "STAGE_NAMES", "ResNeXtSpec", "ResNeXtSpecError"]
 
 BLOCK_FORMS = ("a", "b", "c")
+#: The four stages of the trunk (Table 1: conv2..conv5), in Detectron2's names.
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 FEATURE_NAMES = ("stem",) + STAGE_NAMES
 NORMS = ("FrozenBN", "BN", "SyncBN", "GN", "nnSyncBN", "naiveSyncBN", "LN", "")

@@ -1,8 +1,7 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
 """The paper's Appendix B detector and schedule: RPN and Fast R-CNN that do not
 share features, trained in stages (Xie et al., CVPR 2017, Appendix B)."""
-from . import meta_arch as _  # noqa: F401  registration: UnsharedRCNN
-from .meta_arch import UnsharedRCNN
+from ..modeling.unshared_rcnn import UnsharedRCNN
 from .proposals import ProposalFileMismatch, check_proposal_file, dump_proposals, load_proposal_file
 from .schedule import TABLE8, export_unshared_checkpoint, read_stage_marker, run_schedule
 from .stages import STAGE_DIRS, STAGES, proposal_file, stage_configs

@@ -38,8 +38,9 @@ from detectron2.config import CfgNode
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 
-from ..checkpoint import METADATA_KEY
+from ..checkpoint import METADATA_KEY, final_checkpoint
 from ..engine import preemption
+from ..engine.setup import override_keys
 from ..engine.trainer import Trainer
 from ..inference import build_inference_model, load_model
 from ..modeling.spec import ResNeXtSpec
@@ -123,7 +124,7 @@ def _check_schedule_config(cfg: CfgNode, cli_opts: Sequence[str]) -> None:
         )
     if not cfg.DATASETS.TRAIN or not cfg.DATASETS.TEST:
         raise ConfigError("The schedule needs DATASETS.TRAIN and DATASETS.TEST (evaluated in stage 4).")
-    set_keys = {str(k) for k in list(cli_opts)[::2]}
+    set_keys = set(override_keys(cli_opts))
     wrong = [f"SOLVER.{k}" for k in PER_STAGE_SOLVER if f"SOLVER.{k}" in set_keys]
     if wrong:
         raise ConfigError(
@@ -180,9 +181,9 @@ def _loads(path: str) -> bool:
 def _broken_outputs(cfg: CfgNode, cfgs: Dict[str, CfgNode], stage: str) -> Optional[str]:
     """The first output of a finished ``stage`` that is missing or does not load, or None."""
     if stage in ("rpn", "fast_rcnn"):
-        files = [os.path.join(cfgs[stage].OUTPUT_DIR, "model_final.pth")]
+        files = [final_checkpoint(cfgs[stage].OUTPUT_DIR)]
         if stage == "fast_rcnn":
-            files.append(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+            files.append(final_checkpoint(cfg.OUTPUT_DIR))
         return next((f for f in files if not _loads(f)), None)
     if stage == "proposals":
         frcn = cfgs["fast_rcnn"].DATASETS
@@ -275,7 +276,7 @@ def _train_stage(stage_cfg: CfgNode) -> Dict[str, Any]:
         logger.info(f"{c.OUTPUT_DIR} is trained to its MAX_ITER already; delete it to retrain.")
     trainer.train()
     comm.synchronize()
-    final = os.path.join(c.OUTPUT_DIR, "model_final.pth")
+    final = final_checkpoint(c.OUTPUT_DIR)
     if not os.path.isfile(final):
         raise RuntimeError(f"Training finished but {final} was not written.")
     return {
@@ -295,7 +296,7 @@ def _stage_rpn(cfg, cfgs, force: bool) -> Dict[str, Any]:
 
 def _stage_proposals(cfg, cfgs, force: bool) -> Dict[str, Any]:
     rpn_cfg = cfgs["rpn"]
-    weights = os.path.join(rpn_cfg.OUTPUT_DIR, "model_final.pth")
+    weights = final_checkpoint(rpn_cfg.OUTPUT_DIR)
     model = load_model(rpn_cfg, weights)  # strict: the RPN stage's own complete checkpoint
     u = cfg.UNSHARED.PROPOSALS
     jobs = [("train", n, u.TRAIN_PRE_NMS_TOPK, u.TRAIN_POST_NMS_TOPK) for n in cfg.DATASETS.TRAIN]
@@ -367,9 +368,9 @@ def _stage_fast_rcnn(cfg, cfgs, force: bool) -> Dict[str, Any]:
     for name, path in zip(frcn.DATASETS.TRAIN, frcn.DATASETS.PROPOSAL_FILES_TRAIN):
         _main_first(lambda name=name, path=path: check_proposal_file(path, name))
     res = _train_stage(frcn)
-    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    final = final_checkpoint(cfg.OUTPUT_DIR)
     if comm.is_main_process():
-        rpn_final = os.path.join(cfgs["rpn"].OUTPUT_DIR, "model_final.pth")
+        rpn_final = final_checkpoint(cfgs["rpn"].OUTPUT_DIR)
         export_unshared_checkpoint(rpn_final, res["model_final"], final)
         logger.info(f"UnsharedRCNN (both networks) written to {final}")
     comm.synchronize()
@@ -448,13 +449,13 @@ def _stage_eval(cfg, cfgs, force: bool) -> Dict[str, Any]:
     for name, path in zip(frcn.DATASETS.TEST, frcn.DATASETS.PROPOSAL_FILES_TEST):
         _main_first(lambda name=name, path=path: check_proposal_file(path, name))
     # The same model --eval-only evaluates: strict loading, FOLD_FROZEN_BN and AMP as configured.
-    model = build_inference_model(frcn, os.path.join(cfgs["fast_rcnn"].OUTPUT_DIR, "model_final.pth"))
+    model = build_inference_model(frcn, final_checkpoint(cfgs["fast_rcnn"].OUTPUT_DIR))
     results: Dict[str, Any] = {
         "stored_proposals": _evaluate(frcn, model, os.path.join(folder, "stored_proposals"))
     }
     del model
     if cfg.UNSHARED.EVAL_END_TO_END:
-        model = build_inference_model(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))  # UnsharedRCNN
+        model = build_inference_model(cfg, final_checkpoint(cfg.OUTPUT_DIR))  # UnsharedRCNN
         results["end_to_end"] = _evaluate(cfg, model, os.path.join(folder, "end_to_end"))
     results["paper_table8"] = _paper_row(cfg)
     if comm.is_main_process():

@@ -42,10 +42,12 @@ from detectron2.engine import DefaultTrainer
 
 from ..data.custom import register_coco_datasets
 from ..errors import ConfigError, UserError
-from . import launch, preemption
-from .cli import argument_parser as train_parser
-from .cli import cli, run_tool
-from .setup import setup_cfg
+from ..engine import preemption
+from ..engine.setup import override_keys, setup_cfg
+from . import launch
+from .tool import run_tool
+from .train_net import argument_parser as train_parser
+from .train_net import cli
 
 __all__ = [
     "TaskFailed",
@@ -132,7 +134,7 @@ def complete_args(args: argparse.Namespace):
         )
     if args.max_requeues < 0:
         raise ConfigError(f"--max-requeues {args.max_requeues} must be 0 or more")
-    flags = [k for k in args.opts[::2] if str(k).startswith("--")]
+    flags = [k for k in override_keys(args.opts) if k.startswith("--")]
     if flags:
         raise ConfigError(f"{flags[0]} comes after the KEY VALUE overrides: put the flags first")
     register_coco_datasets(args.register_coco)  # missing files: one line

@@ -1,12 +1,5 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
-"""What ``tools/train_net.py`` runs, and how every tool ends on a user error or Ctrl-C.
-
-:func:`run_tool` turns a :class:`~resnext_det.errors.UserError` (a config value,
-a weights file, a path: the message names the fix) into one line on standard
-error and exit status 2, and Ctrl-C (``KeyboardInterrupt``) into one line saying
-where the work stopped and how to continue, and exit status 130; any other
-exception is a bug or a machine failure and keeps its traceback.
-``RESNEXT_DET_TRACEBACK=1`` shows the traceback of user errors and Ctrl-C too.
+"""What ``tools/train_net.py`` runs.
 
 :func:`main` refuses what it can find wrong before it starts (config keys and
 values, ``NUM_CLASSES`` against the datasets, ``MODEL.WEIGHTS`` that is missing or
@@ -14,47 +7,33 @@ cannot be downloaded) before Detectron2's ``default_setup`` logs the environment
 and the whole config: the line that ends such a run is the only thing it prints.
 """
 import argparse
-import contextlib
-import errno
-import json
 import logging
 import multiprocessing
 import os
 import signal
-import sys
-import threading
 import time
-import traceback
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.engine import TrainerBase, default_argument_parser
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 
 from ..checkpoint import is_source_name
 from ..checkpoint.loading import weights_file
 from ..data import check_datasets
 from ..data.custom import add_register_coco_argument, check_num_classes, register_coco_datasets
+from ..engine.setup import read_cfg, setup_logging, setup_run
+from ..engine.trainer import Trainer
 from ..errors import ConfigError, Interrupted, UserError
 from ..inference import build_inference_model
 from ..unshared import STAGE_DIRS, STAGES, run_schedule
 from .launch import add_cluster_arguments, check_shared_output_dir, launch_main, log_placement
-from .setup import read_cfg, setup_logging, setup_run
-from .trainer import Trainer
+from .tool import interrupted_trainer, last_checkpoint, traceback_frames
 
 
-__all__ = [
-    "INTERRUPTED_EXIT", "INTERRUPT_NOTE_ENV", "argument_parser", "main", "cli", "launch_main", "run_tool",
-]  # fmt: skip
-
-#: The exit status of a tool stopped by Ctrl-C: 128 + SIGINT, the shell's convention.
-INTERRUPTED_EXIT = 128 + int(signal.SIGINT)
-#: Set by a tool that runs another one as a subprocess (``tools/run_demo.py``): on Ctrl-C
-#: the inner tool writes where it stopped and how to continue into this file (JSON, keys
-#: "where" and "how") instead of printing it, and the outer tool says it in its own line.
-INTERRUPT_NOTE_ENV = "RESNEXT_DET_INTERRUPT_NOTE"
+__all__ = ["argument_parser", "main", "cli"]
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -138,42 +117,12 @@ def _run(cfg, args: argparse.Namespace):
     return trainer.train()
 
 
-# ---------------------------------------------------------------------------------------------
-# Ctrl-C: where the work stopped, and how to continue
-# ---------------------------------------------------------------------------------------------
-def _frames(error: BaseException) -> Iterator:
-    tb = error.__traceback__
-    while tb is not None:
-        yield tb.tb_frame
-        tb = tb.tb_next
-
-
-def _interrupted_trainer(error: BaseException) -> Optional[TrainerBase]:
-    """The Detectron2 trainer whose loop ``error`` (a Ctrl-C) went through, or None: the
-    innermost one that has a config (``DefaultTrainer``, ours), else the innermost one."""
-    found = [f.f_locals.get("self") for f in _frames(error)]
-    found = [t for t in found if isinstance(t, TrainerBase)]
-    with_cfg = [t for t in found if hasattr(t, "cfg")]
-    return (with_cfg or found or [None])[-1]
-
-
-def _last_checkpoint(folder: str) -> str:
-    """The checkpoint ``folder/last_checkpoint`` names, when that file exists; else ""."""
-    try:
-        with open(os.path.join(folder, "last_checkpoint")) as f:
-            name = f.read().strip()
-    except OSError:
-        return ""
-    path = os.path.join(folder, name)
-    return path if name and os.path.isfile(path) else ""
-
-
 def _interruption(error: KeyboardInterrupt, cfg, args: argparse.Namespace) -> Interrupted:
     """Where Ctrl-C stopped train_net (``cfg`` is the run's), and how to continue."""
     if isinstance(error, Interrupted):
         return error
-    trainer = _interrupted_trainer(error)
-    evaluating = any(f.f_code.co_name == "inference_on_dataset" for f in _frames(error))
+    trainer = interrupted_trainer(error)
+    evaluating = any(f.f_code.co_name == "inference_on_dataset" for f in traceback_frames(error))
     if args.eval_only:
         return Interrupted("during evaluation", "rerun the same command to evaluate again")
     at = f"at iteration {trainer.iter} of {trainer.max_iter}" if trainer is not None else ""
@@ -185,13 +134,13 @@ def _interruption(error: KeyboardInterrupt, cfg, args: argparse.Namespace) -> In
         if stage is None:
             return Interrupted("", "rerun the same command to continue: finished stages are skipped")
         k = STAGES.index(stage) + 1
-        ckpt = _last_checkpoint(folder)
+        ckpt = last_checkpoint(folder)
         resumes = f"resumes from {ckpt}" if ckpt else "starts again (no checkpoint was saved yet)"
         return Interrupted(
             f"in stage {k} ({stage}) {at}".rstrip(),
             f"rerun the same command to continue: finished stages are skipped, and stage {k} {resumes}",
         )
-    ckpt = _last_checkpoint(getattr(getattr(trainer, "cfg", None), "OUTPUT_DIR", "") or cfg.OUTPUT_DIR)
+    ckpt = last_checkpoint(getattr(getattr(trainer, "cfg", None), "OUTPUT_DIR", "") or cfg.OUTPUT_DIR)
     if ckpt:
         return Interrupted(at, f"rerun the same command with --resume to continue from {ckpt}")
     return Interrupted(at, "rerun the same command to start again (no checkpoint was saved yet)")
@@ -255,84 +204,3 @@ def _wait_for_workers(grace_s: float = 10.0, kill_s: float = 60.0) -> None:
         pass
 
 
-def _describe_interruption(error: KeyboardInterrupt) -> Tuple[str, str]:
-    """(where, how) for a Ctrl-C that ended a tool: an :class:`Interrupted` says it; a
-    Ctrl-C inside a Detectron2 training loop is "at iteration N of M", continued with
-    ``--resume``; anything else is started again."""
-    where = getattr(error, "where", "")
-    how = getattr(error, "how", "")
-    trainer = _interrupted_trainer(error)
-    if not where and trainer is not None:
-        where = f"at iteration {trainer.iter} of {getattr(trainer, 'max_iter', '?')}"
-    if not how and trainer is not None:
-        ckpt = _last_checkpoint(getattr(getattr(trainer, "checkpointer", None), "save_dir", "") or "")
-        how = f"rerun the same command with --resume to continue from {ckpt or 'the last checkpoint'}"
-    return where, how or "rerun the same command to start again"
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """A second Ctrl-C while the first one is reported must not turn the line into a traceback."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _report_interruption(error: KeyboardInterrupt, prog: str) -> int:
-    """One line, ``"{prog}: interrupted {where}: {how}"``, from one process of a job (the
-    others were stopped by the same Ctrl-C); into ``$RESNEXT_DET_INTERRUPT_NOTE`` instead
-    when another tool runs this one. Returns :data:`INTERRUPTED_EXIT`."""
-    with _sigint_ignored():
-        if os.environ.get("RESNEXT_DET_TRACEBACK"):
-            traceback.print_exception(error)
-        if comm.get_rank() != 0:
-            return INTERRUPTED_EXIT
-        where, how = _describe_interruption(error)
-        note = os.environ.get(INTERRUPT_NOTE_ENV)
-        if note:
-            try:
-                with open(note, "w") as f:
-                    json.dump({"where": where, "how": how}, f)
-                return INTERRUPTED_EXIT
-            except OSError:
-                pass  # say it here then
-        print(f"{prog}: interrupted{' ' + where if where else ''}: {how}", file=sys.stderr, flush=True)
-    return INTERRUPTED_EXIT
-
-
-def run_tool(fn: Callable[[], object], prog: str) -> int:
-    """Run ``fn``; a :class:`UserError` (or a full disk) ends it with
-    ``"{prog}: error: {message}"`` on standard error and returns 2; Ctrl-C with
-    ``"{prog}: interrupted {where}: {how to continue}"`` and returns 130; other
-    exceptions propagate (with their traceback).
-    Returns 0 on success (or ``fn``'s return value when it is an int)."""
-    # A log handler that cannot write (full disk) must not print a page per record.
-    logging.raiseExceptions = False
-    try:
-        out = fn()
-    except KeyboardInterrupt as e:
-        return _report_interruption(e, prog)
-    except UserError as e:
-        if os.environ.get("RESNEXT_DET_TRACEBACK"):
-            traceback.print_exc()
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        if os.environ.get("RESNEXT_DET_TRACEBACK"):
-            traceback.print_exc()
-        where = f" writing {e.filename}" if e.filename else ""
-        print(
-            f"{prog}: error: no space left on the device{where}: free space there or point "
-            "OUTPUT_DIR at another disk, then rerun with --resume (checkpoints are written whole, "
-            "so the last complete one is intact)",
-            file=sys.stderr,
-        )
-        return 2
-    return out if isinstance(out, int) and not isinstance(out, bool) else 0

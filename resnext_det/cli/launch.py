@@ -45,8 +45,8 @@ import detectron2.utils.comm as comm
 from detectron2.engine import launch as d2_launch
 
 from ..errors import ConfigError, UserError
-from . import preemption
-from .setup import set_processes_on_host
+from ..engine import preemption
+from ..engine.setup import set_processes_on_host
 
 __all__ = [
     "Placement",
