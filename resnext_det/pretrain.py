@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import convert_weights, save_converted
+from .checkpoint import convert_weights, save_converted, torchvision_resnext
 from .fast.amp import cpu_has_fast_bf16
 from .modeling.spec import ResNeXtSpec
 from .utils.io import atomic_write, atomic_write_json
@@ -268,14 +268,12 @@ def _to_tensor(crops: np.ndarray) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- model
 def build_torchvision_resnext(settings: PretrainSettings, num_classes: int = len(CROP_CLASSES)):
-    """torchvision's ResNeXt of the settings' depth, C and d (Bottleneck blocks;
-    ``groups=C``, ``width_per_group=d``, so res2's grouped conv has C x d channels,
-    as ``resnext50_32x4d``)."""
-    from torchvision.models.resnet import Bottleneck, ResNet
-
-    return ResNet(Bottleneck, list(settings.stage_blocks), num_classes=num_classes,
-                  groups=settings.cardinality, width_per_group=settings.bottleneck_width,
-                  zero_init_residual=True)
+    """torchvision's ResNeXt of the settings' depth, C and d
+    (:func:`~resnext_det.checkpoint.verify.torchvision_resnext`: ``groups=C``,
+    ``width_per_group=d``, as ``resnext50_32x4d``), each block's last BN at zero."""
+    arch = ResNeXtSpec(stage_blocks=settings.stage_blocks, cardinality=settings.cardinality,
+                       bottleneck_width=settings.bottleneck_width)
+    return torchvision_resnext(arch, num_classes=num_classes, zero_init_residual=True)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:

@@ -14,6 +14,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
+from ..checkpoint import torchvision_resnext
 from ..engine import setup_cfg
 from ..fast import amp_dtype, apply_fast_path, autocast
 from ..modeling import ResNeXtSpec
@@ -138,19 +139,12 @@ def detector_contenders(
 def torchvision_trunk(spec: ResNeXtSpec, device: str) -> Optional[torch.nn.Module]:
     """torchvision's ResNeXt trunk (conv1..layer4) with FrozenBN and its own random
     weights, or None if ``spec`` has no torchvision equivalent."""
-    from torchvision.models.resnet import Bottleneck, ResNet
     from torchvision.ops import FrozenBatchNorm2d
 
     if spec.stem_out_channels != 64 or spec.res2_out_channels != 256:
         return None
     # torchvision: width = planes * width_per_group / 64 * groups; planes = 64 in layer1.
-    net = ResNet(
-        Bottleneck,
-        list(spec.stage_blocks),
-        groups=spec.cardinality,
-        width_per_group=spec.bottleneck_width,
-        norm_layer=FrozenBatchNorm2d,
-    )
+    net = torchvision_resnext(spec, norm_layer=FrozenBatchNorm2d)
     trunk = torch.nn.Sequential(
         net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
     )

@@ -4,9 +4,11 @@ convention and architecture, load them strictly, prove them equal.
 
 * :func:`convert_weights` / :func:`save_converted` (``tools/convert_pretrained.py``)
 * :func:`verify_conversion`: source model vs our backbone on the same images
+  (:func:`torchvision_resnext`: torchvision's ResNeXt of an architecture)
 * :class:`ResNeXtCheckpointer`: refuses weights that disagree with the config
 * :func:`fetch_weights`: ``MODEL.WEIGHTS`` names (``torchvision://...``, ``timm://...``,
-  ``detectron2://...``, URLs) downloaded once, checked, converted and cached
+  ``detectron2://...``, URLs; :func:`resolve_source`) downloaded once, checked, converted
+  and cached
 """
 from .convert import (
     FORMATS,
@@ -31,8 +33,9 @@ from .metadata import (
     format_opts,
 )
 from .readers import CheckpointReadError, read_weights_file
-from .sources import WeightsSource, WeightsSourceError, fetch_weights, is_source_name, resolve_source
-from .verify import max_relative_error, verify_conversion
+from .names import WeightsSource, WeightsSourceError, is_source_name, resolve_source
+from .sources import fetch_weights
+from .verify import max_relative_error, torchvision_resnext, verify_conversion
 
 __all__ = [
     "FORMATS",
@@ -50,6 +53,7 @@ __all__ = [
     "read_weights_file",
     "verify_conversion",
     "max_relative_error",
+    "torchvision_resnext",
     "check_weights_against_config",
     "config_pairs",
     "config_yaml",

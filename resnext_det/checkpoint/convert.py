@@ -23,22 +23,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..modeling.spec import ResNeXtSpec
+from ..presets import PRESETS
 from ..utils.io import atomic_write, file_sha256
 from .formats import (
     BN_EPS,
     FORMATS,
     ConversionError,
-    _is_classifier,
     caffe2_to_d2,
+    detectron2_to_d2,
     torch7_to_d2,
     torchvision_to_d2,
 )
 from .layout import (
-    _TRUNK_PREFIXES,
+    TRUNK_PREFIXES,
     DetectorConvention,
-    _check_requested_arch,
-    _detector_arch,
     check_against_model,
+    detector_arch,
     detector_convention,
     detector_trunk,
     infer_arch,
@@ -119,6 +120,25 @@ class ConversionResult:
 # --------------------------------------------------------------------------
 # The conversion
 # --------------------------------------------------------------------------
+def _check_requested_arch(arch: ResNeXtSpec, requested: Optional[str], path: str) -> None:
+    if not requested:
+        return
+    if requested not in PRESETS:
+        raise ConversionError(
+            f"--arch {requested!r} is not a known architecture: choose one of {sorted(PRESETS)}"
+        )
+    p = PRESETS[requested]
+    if not ResNeXtSpec.from_preset(requested).same_shapes(arch):
+        found = arch.preset or "no named architecture"
+        raise ConversionError(
+            f"--arch {requested} (depth {p.depth}, C={p.cardinality}, d={p.bottleneck_width}) does "
+            f"not match the weights in {path!r}, which hold {arch.describe()} = {found}. "
+            f"Check that you downloaded the file you meant, or drop --arch"
+            + (f" / pass --arch {arch.preset}" if arch.preset else "")
+            + "."
+        )
+
+
 def _resolve_format(src: SourceWeights, fmt: str) -> str:
     if fmt not in FORMATS:
         raise ConversionError(f"--format {fmt!r}: choose one of {list(FORMATS)}")
@@ -229,7 +249,7 @@ def convert_weights(
                 "pass --format auto"
             )
         if arch:
-            _check_requested_arch(_detector_arch(src.tensors, path), arch, path)
+            _check_requested_arch(detector_arch(src.tensors, path), arch, path)
         return convert_detector(
             src, convention=convention, pixel_mean=pixel_mean, pixel_std=pixel_std,
             stride_in_1x1=stride_in_1x1, to_rgb=to_rgb,
@@ -247,20 +267,8 @@ def convert_weights(
     elif fmt == "torch7":
         sd = torch7_to_d2(src.tree)
     else:  # detectron2 names already
-        sd = {}
-        for k, v in src.tensors.items():
-            if k.endswith("num_batches_tracked"):
-                continue
-            if _is_classifier(k):
-                dropped.append(k)
-            else:
-                sd[k] = v
-        for k in [k for k in sd if k.endswith(".norm.weight")]:
-            p = k[: -len("weight")]
-            if p + "running_mean" not in sd:
-                norm = "affine"
-                sd[p + "running_mean"] = torch.zeros_like(sd[k])
-                sd[p + "running_var"] = torch.full_like(sd[k], 1.0 - BN_EPS)
+        sd, dropped, affine = detectron2_to_d2(src.tensors)
+        norm = "affine" if affine else "BN"
 
     arch_info = infer_arch(sd)
     _check_requested_arch(arch_info, arch, path)
@@ -365,7 +373,7 @@ def convert_detector(
         found, **{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in overrides.items() if v is not None}
     )
     if found.arch is None:
-        _detector_arch(src.tensors, path)  # raises with the reason
+        detector_arch(src.tensors, path)  # raises with the reason
     unknown = found.unknown_keys()
     if unknown:
         raise ConversionError(
@@ -380,7 +388,7 @@ def convert_detector(
     out = {k: v.detach().contiguous().clone() for k, v in src.tensors.items()}
     flipped = False
     if to_rgb and meta.input.format == "BGR":
-        for prefix in _TRUNK_PREFIXES:
+        for prefix in TRUNK_PREFIXES:
             if prefix + "stem.conv1.weight" in out:
                 out[prefix + "stem.conv1.weight"] = out[prefix + "stem.conv1.weight"].flip(1).contiguous()
                 break

@@ -30,8 +30,12 @@ __all__ = [
     "ConversionError",
     "torchvision_to_d2",
     "caffe2_to_d2",
+    "detectron2_to_d2",
     "torch7_to_d2",
     "torch7_layout",
+    "t7_field",
+    "t7_typename",
+    "t7_modules",
 ]
 
 FORMATS = ("auto", "torchvision", "timm", "caffe2", "torch7", "detectron2")
@@ -150,8 +154,35 @@ def caffe2_to_d2(blobs: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor
     return out, dropped, affine
 
 
-def _field(obj, name: str, default=None):
-    """A field of a torchfile object (``None`` when absent; an empty Lua table
+def detectron2_to_d2(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str], bool]:
+    """Detectron2 names already: the classifier is dropped, and BN without
+    statistics (affine only) gets running_mean 0 and running_var 1 - eps, as in
+    :func:`caffe2_to_d2`. Returns (weights, dropped, affine)."""
+    out: Dict[str, torch.Tensor] = {}
+    dropped = []
+    for k, v in tensors.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if _is_classifier(k):
+            dropped.append(k)
+        else:
+            out[k] = v
+    affine = False
+    for k in [k for k in out if k.endswith(".norm.weight")]:
+        p = k[: -len("weight")]
+        if p + "running_mean" not in out:
+            affine = True
+            out[p + "running_mean"] = torch.zeros_like(out[k])
+            out[p + "running_var"] = torch.full_like(out[k], 1.0 - BN_EPS)
+    return out, dropped, affine
+
+
+# --------------------------------------------------------------------------
+# Torch7 module trees (torchfile objects), as the name mapping and the
+# ``--verify`` reference (:mod:`.verify`) read them
+# --------------------------------------------------------------------------
+def t7_field(obj, name: str, default=None):
+    """A field of a torchfile object (``default`` when absent; an empty Lua table
     reads as a list, so attribute access cannot be used)."""
     d = getattr(obj, "_obj", None)
     if isinstance(d, dict):
@@ -161,30 +192,33 @@ def _field(obj, name: str, default=None):
     return default
 
 
-def _typename(obj) -> str:
+def t7_typename(obj) -> str:
+    """The Torch7 class of a torchfile object (e.g. "nn.Sequential", "cudnn.SpatialConvolution")."""
     # torchfile's plain Lua tables answer any attribute with None: only a class has a name.
     name = getattr(obj, "torch_typename", None)
     t = name() if callable(name) else "a Lua table" if isinstance(obj, dict) else type(obj).__name__
     return t.decode() if isinstance(t, bytes) else str(t)
 
 
-def _t7_modules(obj) -> list:
-    mods = _field(obj, "modules")
+def t7_modules(obj) -> list:
+    """The child modules of a Torch7 container, in order (one replica of a
+    DataParallelTable); [] for a module without children."""
+    mods = t7_field(obj, "modules")
     if mods is None:
         return []
     if isinstance(mods, dict):  # a table that was not list-like
         mods = [mods[k] for k in sorted(mods)]
-    if _typename(obj).endswith("DataParallelTable"):
+    if t7_typename(obj).endswith("DataParallelTable"):
         mods = mods[:1]  # one replica per GPU: they are the same network
     return list(mods)
 
 
 def _is_conv(obj) -> bool:
-    return re.search(r"SpatialConvolution(MM)?$", _typename(obj)) is not None
+    return re.search(r"SpatialConvolution(MM)?$", t7_typename(obj)) is not None
 
 
 def _is_bn(obj) -> bool:
-    return _typename(obj).endswith("SpatialBatchNormalization")
+    return t7_typename(obj).endswith("SpatialBatchNormalization")
 
 
 def _arr(x) -> Optional[torch.Tensor]:
@@ -196,22 +230,22 @@ def _arr(x) -> Optional[torch.Tensor]:
 def _t7_conv(conv, *, where: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """A Torch7 convolution's weight as (out, in, kH, kW), and its bias; ``where`` (e.g.
     "res3.0.conv2") names it in the error when its fields do not describe its weight."""
-    w = _arr(_field(conv, "weight"))
+    w = _arr(t7_field(conv, "weight"))
     if w is None:
-        raise ConversionError(f"{where}: a Torch7 {_typename(conv)} has no weight")
-    shape = {k: _field(conv, k) for k in ("kH", "kW", "nOutputPlane")}
+        raise ConversionError(f"{where}: a Torch7 {t7_typename(conv)} has no weight")
+    shape = {k: t7_field(conv, k) for k in ("kH", "kW", "nOutputPlane")}
     try:
         kh, kw, n_out = (int(shape[k]) for k in ("kH", "kW", "nOutputPlane"))
     except (TypeError, ValueError):
         kh = kw = n_out = 0
     if min(kh, kw, n_out) < 1 or w.numel() % (n_out * kh * kw):
         raise ConversionError(
-            f"{where}: a Torch7 {_typename(conv)} whose kH, kW, nOutputPlane "
+            f"{where}: a Torch7 {t7_typename(conv)} whose kH, kW, nOutputPlane "
             f"({', '.join(f'{k}={v!r}' for k, v in shape.items())}) do not describe its weight of "
             f"shape {tuple(w.shape)}: the file is damaged or not a Torch7 convolution"
         )
     w = w.reshape(n_out, -1, kh, kw)  # SpatialConvolutionMM stores (out, in*kh*kw)
-    return w, _arr(_field(conv, "bias"))
+    return w, _arr(t7_field(conv, "bias"))
 
 
 def _t7_bn(bn, conv_bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -221,16 +255,16 @@ def _t7_bn(bn, conv_bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
     running_mean' = running_mean - b. A Torch7 eps other than Detectron2's is
     folded into running_var; old files store running_std = 1/sqrt(var + eps).
     """
-    mean = _arr(_field(bn, "running_mean"))
-    eps = float(_field(bn, "eps")) if _field(bn, "eps") is not None else 1e-5
-    var = _arr(_field(bn, "running_var"))
-    if var is None and _field(bn, "running_std") is not None:
-        var = 1.0 / _arr(_field(bn, "running_std")) ** 2 - eps
+    mean = _arr(t7_field(bn, "running_mean"))
+    eps = float(t7_field(bn, "eps")) if t7_field(bn, "eps") is not None else 1e-5
+    var = _arr(t7_field(bn, "running_var"))
+    if var is None and t7_field(bn, "running_std") is not None:
+        var = 1.0 / _arr(t7_field(bn, "running_std")) ** 2 - eps
     if mean is None or var is None:
         raise ConversionError("a Torch7 SpatialBatchNormalization has no running statistics")
     c = mean.numel()
-    w = _arr(_field(bn, "weight"))
-    b = _arr(_field(bn, "bias"))
+    w = _arr(t7_field(bn, "weight"))
+    b = _arr(t7_field(bn, "bias"))
     if conv_bias is not None:
         mean = mean - conv_bias
     return {
@@ -243,7 +277,7 @@ def _t7_bn(bn, conv_bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def _conv_bn_pairs(seq) -> List[Tuple[object, object]]:
     """(conv, bn) pairs of a flat Torch7 nn.Sequential, in order."""
-    mods = _t7_modules(seq)
+    mods = t7_modules(seq)
     pairs = []
     for i, m in enumerate(mods):
         if _is_conv(m):
@@ -260,8 +294,8 @@ def _find_blocks(obj, ancestors=(), acc=None):
     nn.Sequential), ``ancestors[-2]`` the stage's."""
     acc = [] if acc is None else acc
     ancestors = ancestors + (obj,)
-    for m in _t7_modules(obj):
-        t = _typename(m)
+    for m in t7_modules(obj):
+        t = t7_typename(m)
         if t.endswith("ConcatTable"):
             acc.append((ancestors, m))
         elif t.endswith("Sequential") or t.endswith("DataParallelTable"):
@@ -271,9 +305,9 @@ def _find_blocks(obj, ancestors=(), acc=None):
 
 def _first_conv_bn(obj):
     """The stem: the first conv (and its BN) outside any residual block."""
-    mods = _t7_modules(obj)
+    mods = t7_modules(obj)
     for i, m in enumerate(mods):
-        t = _typename(m)
+        t = t7_typename(m)
         if t.endswith("ConcatTable"):
             return None
         if _is_conv(m):
@@ -288,8 +322,8 @@ def _first_conv_bn(obj):
 
 
 def _has_projection(concat) -> bool:
-    branches = _t7_modules(concat)
-    return len(branches) == 2 and bool(_t7_modules(branches[1])) and bool(_conv_bn_pairs(branches[1]))
+    branches = t7_modules(concat)
+    return len(branches) == 2 and bool(t7_modules(branches[1])) and bool(_conv_bn_pairs(branches[1]))
 
 
 def torch7_layout(tree):
@@ -340,7 +374,7 @@ def torch7_to_d2(tree) -> Dict[str, torch.Tensor]:
     for s, stage_blocks in enumerate(stages):
         for j, (_, block) in enumerate(stage_blocks):
             prefix = f"res{s + 2}.{j}"
-            branches = _t7_modules(block)
+            branches = t7_modules(block)
             if len(branches) != 2:
                 raise ConversionError(
                     f"{prefix}: a Torch7 residual block with {len(branches)} branches; only the "
@@ -358,15 +392,15 @@ def torch7_to_d2(tree) -> Dict[str, torch.Tensor]:
                 out[f"{prefix}.conv{k}.weight"] = w
                 for n, v in _t7_bn(bn, b).items():
                     out[f"{prefix}.conv{k}.norm.{n}"] = v
-            sc = _conv_bn_pairs(shortcut) if _t7_modules(shortcut) else []
+            sc = _conv_bn_pairs(shortcut) if t7_modules(shortcut) else []
             if len(sc) == 1:
                 w, b = _t7_conv(sc[0][0], where=f"{prefix}.shortcut")
                 out[f"{prefix}.shortcut.weight"] = w
                 for n, v in _t7_bn(sc[0][1], b).items():
                     out[f"{prefix}.shortcut.norm.{n}"] = v
-            elif sc or not _typename(shortcut).endswith("Identity"):
+            elif sc or not t7_typename(shortcut).endswith("Identity"):
                 raise ConversionError(
-                    f"{prefix}: shortcut {_typename(shortcut)} is neither nn.Identity nor a 1x1 "
+                    f"{prefix}: shortcut {t7_typename(shortcut)} is neither nn.Identity nor a 1x1 "
                     "conv + BN projection (type B)"
                 )
     return out

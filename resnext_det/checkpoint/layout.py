@@ -12,7 +12,6 @@ import torch
 
 from ..modeling.resnext import ResNeXt
 from ..modeling.spec import STAGE_NAMES, ResNeXtSpec, ResNeXtSpecError
-from ..presets import PRESETS
 from .formats import ConversionError
 from .metadata import CONVENTIONS, InputConvention, WeightsMetadata
 
@@ -21,6 +20,8 @@ __all__ = [
     "trunk_spec",
     "check_against_model",
     "DETECTRON2_ZOO_AUTHOR",
+    "TRUNK_PREFIXES",
+    "detector_arch",
     "DetectorConvention",
     "detector_convention",
     "detector_trunk",
@@ -99,25 +100,6 @@ def check_against_model(sd: Dict[str, torch.Tensor], arch: ResNeXtSpec) -> None:
         )
 
 
-def _check_requested_arch(arch: ResNeXtSpec, requested: Optional[str], path: str) -> None:
-    if not requested:
-        return
-    if requested not in PRESETS:
-        raise ConversionError(
-            f"--arch {requested!r} is not a known architecture: choose one of {sorted(PRESETS)}"
-        )
-    p = PRESETS[requested]
-    if not ResNeXtSpec.from_preset(requested).same_shapes(arch):
-        found = arch.preset or "no named architecture"
-        raise ConversionError(
-            f"--arch {requested} (depth {p.depth}, C={p.cardinality}, d={p.bottleneck_width}) does "
-            f"not match the weights in {path!r}, which hold {arch.describe()} = {found}. "
-            f"Check that you downloaded the file you meant, or drop --arch"
-            + (f" / pass --arch {arch.preset}" if arch.preset else "")
-            + "."
-        )
-
-
 # --------------------------------------------------------------------------
 # Detector checkpoints from elsewhere
 # --------------------------------------------------------------------------
@@ -126,13 +108,13 @@ DETECTRON2_ZOO_AUTHOR = "Detectron2 Model Zoo"
 #: Where a detector in Detectron2 names keeps its ResNet trunk: FPN / RetinaNet
 #: models under ``backbone.bottom_up.``, C4 models under ``backbone.`` with res5
 #: in ``roi_heads.res5.``.
-_TRUNK_PREFIXES = ("backbone.bottom_up.", "backbone.")
+TRUNK_PREFIXES = ("backbone.bottom_up.", "backbone.")
 
 
 def detector_trunk(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The ResNet/ResNeXt trunk (``stem.*``, ``res2.*`` .. ``res5.*``) of a
     detector in Detectron2 names; empty when it has none."""
-    for prefix in _TRUNK_PREFIXES:
+    for prefix in TRUNK_PREFIXES:
         if prefix + "stem.conv1.weight" in tensors:
             out = {}
             for k, v in tensors.items():
@@ -146,7 +128,9 @@ def detector_trunk(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {}
 
 
-def _detector_arch(tensors: Dict[str, torch.Tensor], path: str = "") -> ResNeXtSpec:
+def detector_arch(tensors: Dict[str, torch.Tensor], path: str = "") -> ResNeXtSpec:
+    """The architecture of a detector's ResNet/ResNeXt trunk (:func:`detector_trunk`,
+    :func:`infer_arch`); a ConversionError naming ``path`` when it has none."""
     trunk = detector_trunk(tensors)
     if not trunk:
         raise ConversionError(

@@ -14,7 +14,8 @@ from ``MODEL.WEIGHTS`` it refuses:
 * any backbone tensor (stem, res2..res5, including a C4 model's
   ``roi_heads.res5``) that the file would leave at its random initialisation.
 
-Resuming from ``OUTPUT_DIR/last_checkpoint`` loads as Detectron2 does.
+What a checkpoint's tensors are and where they go in the model is decided in
+:mod:`.matching`. Resuming from ``OUTPUT_DIR/last_checkpoint`` loads as Detectron2 does.
 :func:`weights_file` gives the file ``MODEL.WEIGHTS`` loads (a name fetched into the
 cache): an entry point calls it before a run starts, so that a missing file or a name
 that cannot be downloaded ends the run before anything else is logged.
@@ -23,12 +24,16 @@ import difflib
 import logging
 import os
 import re
-from typing import Dict, List, Tuple
+from typing import List
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..errors import ConfigError, MissingFileError
+from ..utils.io import atomic_write, atomic_write_text
+from .layout import detector_convention
+from .matching import backbone_targets, check_required, classify_checkpoint, required_keys
 from .metadata import (
     METADATA_KEY,
     WeightsConfigError,
@@ -36,27 +41,25 @@ from .metadata import (
     check_weights_against_config,
     metadata_from_model,
 )
-from ..utils.io import atomic_write, atomic_write_text
-from .layout import detector_convention
+from .names import is_source_name
 from .readers import (
-    _READ_ERRORS,
+    READ_ERRORS,
     CheckpointReadError,
     describe_read_failure,
-    key_family,
     safe_pickle_load,
     torch_load_weights,
 )
-from .sources import fetch_weights, is_source_name
-from ..errors import ConfigError, MissingFileError
+from .sources import fetch_weights
 
 __all__ = [
     "ResNeXtCheckpointer",
     "WeightsRecord",
     "attach_weights_record",
-    "backbone_targets",
-    "classify_checkpoint",
     "final_checkpoint",
     "weights_file",
+    # what a checkpoint holds and where it goes (:mod:`.matching`), also importable from here
+    "backbone_targets",
+    "classify_checkpoint",
 ]
 
 #: What a finished training run leaves in its folder (Detectron2's trainer saves "model_final").
@@ -68,39 +71,8 @@ def final_checkpoint(folder: str) -> str:
     trainer, a training stage of the Appendix B schedule) leaves in its ``OUTPUT_DIR``."""
     return os.path.join(folder, FINAL_CHECKPOINT + ".pth")
 
+
 logger = logging.getLogger(__name__)
-_BACKBONE_ONLY = re.compile(r"^(stem|res[2-5])\.")
-_NOT_REQUIRED = ("num_batches_tracked",)
-
-
-def classify_checkpoint(sd: Dict[str, object]) -> str:
-    """"backbone" (Detectron2 names, trunk only), "detector", or the raw
-    ImageNet family ("torchvision", "caffe2")."""
-    fam = key_family(sd)
-    if fam in ("torchvision", "caffe2"):
-        return fam
-    if any(k.startswith("backbone.") for k in sd):
-        return "detector"
-    if fam == "detectron2" or (sd and all(_BACKBONE_ONLY.match(k) for k in sd)):
-        return "backbone"
-    return "detector"
-
-
-def backbone_targets(model: torch.nn.Module) -> List[Tuple[str, str]]:
-    """(model prefix, backbone-checkpoint prefix) of every place backbone
-    weights go: the ResNet/ResNeXt trunk (``backbone.`` or
-    ``backbone.bottom_up.``) and a C4 model's ``roi_heads.res5.``."""
-    from detectron2.modeling.backbone.resnet import ResNet
-    from detectron2.modeling.roi_heads import Res5ROIHeads
-
-    out = []
-    for name, m in model.named_modules():
-        prefix = name + "." if name else ""
-        if isinstance(m, ResNet):
-            out.append((prefix, ""))
-        elif isinstance(m, Res5ROIHeads):
-            out.append((prefix + "res5.", "res5."))
-    return out
 
 
 def _missing_weights(path: str, require: str) -> str:
@@ -192,10 +164,6 @@ def _unreadable(path: str, error: BaseException, what: str) -> str:
         "interrupted download or copy: compare its size and sha256 with the source) or not a "
         "weight file at all."
     )
-
-
-def _required(keys, prefixes) -> List[str]:
-    return [k for k in keys if k.startswith(tuple(prefixes)) and not k.endswith(_NOT_REQUIRED)]
 
 
 class WeightsRecord:
@@ -352,7 +320,7 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
                 data = super()._load_file(filename)
         except CheckpointReadError:
             raise
-        except _READ_ERRORS as e:
+        except READ_ERRORS as e:
             raise CheckpointReadError(_unreadable(filename, e, what)) from e
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             raise CheckpointReadError(_not_weights(what, data.get("model") if isinstance(data, dict) else data))
@@ -426,8 +394,8 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
                 for k in model_sd:
                     if k.startswith(mp) and cp + k[len(mp) :] in sd:
                         mapped[k] = sd[cp + k[len(mp) :]]
-            required = _required(model_sd, [mp for mp, _ in targets])
-            self._check_required(model_sd, mapped, required, what, backbone=True)
+            required = required_keys(model_sd, [mp for mp, _ in targets])
+            check_required(model_sd, mapped, required, what, backbone=True)
             used = {cp + k[len(mp) :] for mp, cp in targets for k in mapped if k.startswith(mp)}
             unused = sorted(set(sd) - used)
             if unused:
@@ -442,106 +410,10 @@ class ResNeXtCheckpointer(DetectionCheckpointer):
             )
         else:
             prefixes = [""] if self.require == "all" else [mp for mp, _ in targets]
-            required = _required(model_sd, prefixes)
-            self._check_required(model_sd, sd, required, what, backbone=self.require != "all")
+            required = required_keys(model_sd, prefixes)
+            check_required(model_sd, sd, required, what, backbone=self.require != "all")
             checkpoint["model"] = sd
         return super()._load_model(checkpoint)
-
-    def _check_required(self, model_sd, provided, required, what: str, *, backbone: bool) -> None:
-        missing = [k for k in required if k not in provided]
-        other = [k for k in required if k in provided and tuple(provided[k].shape) != tuple(model_sd[k].shape)]
-        shapes = [f"{k}: {tuple(provided[k].shape)} in the file, {tuple(model_sd[k].shape)} in the model" for k in other]
-        if not missing and not shapes:
-            return
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} are not in the file, e.g. {missing[:6]}")
-        if shapes:
-            parts.append(
-                f"{len(shapes)} have another shape, e.g. {shapes[:3]}: the file holds another model "
-                f"than the config builds; set {' and '.join(_shape_fixes(other, provided, model_sd))}"
-            )
-        scope = "backbone tensors" if backbone else "model tensors"
-        raise WeightsConfigError(
-            f"{what} would leave {len(missing) + len(shapes)} of the {len(required)} {scope} at "
-            f"their random initialisation: " + "; ".join(parts) + ". Fix MODEL.WEIGHTS or the config."
-        )
-
-
-_BACKBONE_KEY = re.compile(r"(^|\.)(stem|res[2-5])\.")
-
-
-def _shape_fixes(keys: List[str], provided, model_sd) -> List[str]:
-    """The config keys that set the shapes of ``keys`` (tensors whose shape differs
-    between the file and the model), with the value the file implies where its shape
-    tells it: a head trained for 3 classes names ``MODEL.ROI_HEADS.NUM_CLASSES 3``,
-    a backbone of another size the ``MODEL.RESNEXT`` keys. A predictor whose class
-    dimension agrees differs in its input width: that names the head's width keys, not
-    the class count the config already has."""
-    fixes: Dict[str, None] = {}  # ordered set
-    trained = "(the number of classes the file's heads were trained for)"
-
-    def size(sd, key, dim=0):
-        t = sd.get(key)
-        return t.shape[dim] if t is not None and t.dim() > dim else 0
-
-    def kp_dim(key):  # the keypoint predictor, a ConvTranspose2d: weight (in, K, k, k), bias (K,)
-        return 1 if provided[key].dim() > 1 else 0
-
-    for k in keys:
-        out = size(provided, k)
-        classes_differ = out != size(model_sd, k)  # dimension 0: classes (x boxes, x anchors)
-        if re.search(r"box_predictor\.(\d+\.)?cls_score\.", k) and classes_differ:  # K classes + background
-            fixes[f"MODEL.ROI_HEADS.NUM_CLASSES {out - 1} {trained}"] = None
-        elif re.search(r"box_predictor\.(\d+\.)?bbox_pred\.", k) and classes_differ:
-            fix = ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG True" if out == 4
-                   else f"MODEL.ROI_HEADS.NUM_CLASSES {out // 4} {trained}")
-            fixes[fix] = None
-        elif re.search(r"mask_head\.predictor\.", k) and classes_differ:
-            fix = ("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK True" if out == 1
-                   else f"MODEL.ROI_HEADS.NUM_CLASSES {out} {trained}")
-            fixes[fix] = None
-        elif re.search(r"keypoint_head\.score_lowres\.", k) and (
-            size(provided, k, kp_dim(k)) != size(model_sd, k, kp_dim(k))
-        ):  # else its input width differs: the keypoint head's keys below
-            n = size(provided, k, kp_dim(k))
-            fixes[f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS {n} (the file's keypoint head has {n})"] = None
-        elif re.search(r"(^|\.)head\.(cls_score|bbox_pred)\.", k):  # RetinaNet: anchors x classes, anchors x 4
-            cls, box = (k.replace("bbox_pred", "cls_score"), k.replace("cls_score", "bbox_pred"))
-            anchors, anchors_model = size(provided, box) // 4, size(model_sd, box) // 4
-            if anchors and anchors != anchors_model:
-                fixes[f"MODEL.ANCHOR_GENERATOR.SIZES / ASPECT_RATIOS (the file's RetinaNet has {anchors} anchors "
-                      f"per position, the model {anchors_model})"] = None
-            elif anchors and size(provided, cls) != size(model_sd, cls):
-                fixes[f"MODEL.RETINANET.NUM_CLASSES {size(provided, cls) // anchors} {trained}"] = None
-            elif not anchors:
-                fixes["MODEL.RETINANET.NUM_CLASSES / MODEL.ANCHOR_GENERATOR (classes x anchors)"] = None
-            else:
-                fixes["MODEL.FPN.OUT_CHANNELS / MODEL.RETINANET.NUM_CONVS (the file's RetinaNet head differs)"] = None
-        elif re.search(r"sem_seg_head\.predictor\.", k) and classes_differ:
-            fixes[f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {out} {trained}"] = None
-        elif re.search(r"sem_seg_head\.", k):
-            fixes["MODEL.SEM_SEG_HEAD.CONVS_DIM / COMMON_STRIDE / IN_FEATURES (the file's semantic head differs)"] = None
-        elif _BACKBONE_KEY.search(k):
-            fixes["MODEL.RESNEXT.PRESET / DEPTH / CARDINALITY / BOTTLENECK_WIDTH / STEM_OUT_CHANNELS / "
-                  "RES2_OUT_CHANNELS (the file's backbone has another architecture)"] = None
-        elif re.search(r"(^|\.)(fpn_|top_block\.)", k):
-            fixes[f"MODEL.FPN.OUT_CHANNELS {out} (the file's FPN width; the heads on it follow)"] = None
-        elif "rpn_head." in k:
-            fixes["MODEL.ANCHOR_GENERATOR.SIZES / ASPECT_RATIOS (anchors per position; the file's RPN head "
-                  "differs)"] = None
-        elif "box_head." in k or "box_predictor." in k:
-            fixes["MODEL.ROI_BOX_HEAD.FC_DIM / NUM_FC / CONV_DIM / NUM_CONV / POOLER_RESOLUTION (the file's box "
-                  "head differs)"] = None
-        elif "mask_head." in k:
-            fixes["MODEL.ROI_MASK_HEAD.CONV_DIM / NUM_CONV (the file's mask head differs)"] = None
-        elif "keypoint_head." in k:
-            fixes["MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS (the file's keypoint head differs)"] = None
-        else:
-            fixes[f"the keys that build {k.rsplit('.', 1)[0]} (or point MODEL.WEIGHTS at a file of this model)"] = None
-    if any(f.startswith("MODEL.FPN.") for f in fixes):  # the RPN and box heads' shapes follow its width
-        return [f for f in fixes if not f.startswith(("MODEL.ANCHOR_GENERATOR.", "MODEL.ROI_BOX_HEAD.FC_DIM"))]
-    return list(fixes)
 
 
 def _detectron_pickle(data) -> dict:

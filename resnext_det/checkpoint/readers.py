@@ -19,6 +19,7 @@ from ..errors import UserError
 
 __all__ = [
     "CheckpointReadError",
+    "READ_ERRORS",
     "TRUST_PICKLE_ENV",
     "safe_pickle_load",
     "torch_load_weights",
@@ -36,8 +37,9 @@ class CheckpointReadError(UserError):
 
 
 #: Errors raised by pickle / torch.load / zipfile on files that are not what
-#: they claim to be (truncated downloads, random bytes, HTML error pages).
-_READ_ERRORS = (
+#: they claim to be (truncated downloads, random bytes, HTML error pages): whoever
+#: reads a weights file turns them into a :class:`CheckpointReadError`.
+READ_ERRORS = (
     pickle.UnpicklingError,
     EOFError,
     RuntimeError,
@@ -269,7 +271,7 @@ def read_weights_file(path: str, *, use_ema: bool = False, trust_pickle: bool = 
             )
     except CheckpointReadError:
         raise
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         raise CheckpointReadError(describe_read_failure(path, e)) from e
     except Exception as e:  # torchfile raises its own exception class
         if type(e).__name__ == "T7ReaderException":

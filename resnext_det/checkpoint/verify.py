@@ -9,18 +9,19 @@ ResNet for files already in Detectron2 names. Both see the same normalised
 images; res2..res5 must agree to float precision.
 """
 import logging
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torchvision.models import resnet as tv_resnet
 
 from ..modeling.resnext import ResNeXt
+from ..modeling.spec import STAGE_NAMES, ResNeXtSpec
 from .convert import ConversionResult
-from .formats import ConversionError, _field, _t7_modules, _typename, torch7_layout
+from .formats import ConversionError, t7_field, t7_modules, t7_typename, torch7_layout
 from .layout import trunk_spec
-from ..modeling.spec import STAGE_NAMES
 
-__all__ = ["reference_features", "verify_conversion", "max_relative_error"]
+__all__ = ["torchvision_resnext", "reference_features", "verify_conversion", "max_relative_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +44,49 @@ def _load_reference(model, tensors) -> None:
         )
 
 
-def _torchvision_features(result: ConversionResult, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-    from torchvision.models.resnet import Bottleneck, ResNet
+def torchvision_resnext(
+    arch: Union[ResNeXtSpec, str],
+    *,
+    num_classes: int = 1000,
+    norm_layer: Optional[Callable[[int], torch.nn.Module]] = None,
+    zero_init_residual: bool = False,
+) -> tv_resnet.ResNet:
+    """torchvision's ResNeXt/ResNet (``torchvision.models.resnet.ResNet``, Bottleneck
+    blocks) of ``arch``'s blocks per stage, C and d: ``groups=C``,
+    ``width_per_group=d``, so res2's grouped conv has C x d channels, as in
+    ``resnext50_32x4d`` (C=1, d=64: ResNet-50). The one place the package builds
+    it: the ``--verify`` reference of torchvision files, the classifier of
+    pretraining stage 0 and the torchvision contender of the benchmark.
 
-    a = result.metadata.arch
-    model = ResNet(
-        Bottleneck,
-        list(a.stage_blocks),
-        groups=a.cardinality,
-        width_per_group=a.bottleneck_width,
-        num_classes=_num_classes(result.source.tensors) or 1000,
+    torchvision's widths are fixed (stem 64, res2 256 channels): ``arch``'s
+    ``stem_out_channels`` / ``res2_out_channels`` are not used, and a caller whose
+    architecture may have others checks them first.
+
+    Args:
+        arch: the architecture, or a :data:`~resnext_det.presets.PRESETS` name.
+        num_classes: outputs of the classifier ``fc``.
+        norm_layer: torchvision's ``norm_layer`` (None: ``BatchNorm2d``; e.g.
+            ``torchvision.ops.FrozenBatchNorm2d`` for detection).
+        zero_init_residual: torchvision's: each block's last BN weight starts at 0.
+
+    Returns:
+        The model, initialised by torchvision from the global random generator.
+    """
+    if isinstance(arch, str):
+        arch = ResNeXtSpec.from_preset(arch)
+    return tv_resnet.ResNet(
+        tv_resnet.Bottleneck,
+        list(arch.stage_blocks),
+        num_classes=num_classes,
+        zero_init_residual=zero_init_residual,
+        groups=arch.cardinality,
+        width_per_group=arch.bottleneck_width,
+        norm_layer=norm_layer,
     )
+
+
+def _torchvision_features(result: ConversionResult, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    model = torchvision_resnext(result.metadata.arch, num_classes=_num_classes(result.source.tensors) or 1000)
     _load_reference(model, result.source.tensors)
     model.eval()
     h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
@@ -144,30 +177,30 @@ def _torch7_features(result: ConversionResult, x: torch.Tensor) -> Dict[str, tor
                 raise _Done
 
     def t(m, name):
-        a = _field(m, name)
+        a = t7_field(m, name)
         return None if a is None else torch.as_tensor(a.copy(), dtype=torch.float32)
 
     def ints(m, *names):
-        return tuple(int(_field(m, n) or 0) for n in names)
+        return tuple(int(t7_field(m, n) or 0) for n in names)
 
     def per_channel(v):
         return v[None, :, None, None]
 
     def run(m, h):
-        typ = _typename(m)
+        typ = t7_typename(m)
         if typ.endswith(("Sequential", "DataParallelTable")):
             stage, added = None, False  # a stage's last block whose output comes next
-            for c in _t7_modules(m):
+            for c in t7_modules(m):
                 h = run(c, h)
                 if id(c) in last_concats:
                     stage, added = last_concats[id(c)], False
-                elif stage is not None and _typename(c).endswith("CAddTable"):
+                elif stage is not None and t7_typename(c).endswith("CAddTable"):
                     added = True
-                elif stage is not None and added and _typename(c).endswith("ReLU"):
+                elif stage is not None and added and t7_typename(c).endswith("ReLU"):
                     record(stage, h)
                     stage = None
         elif typ.endswith("ConcatTable"):
-            h = [run(c, h) for c in _t7_modules(m)]
+            h = [run(c, h) for c in t7_modules(m)]
         elif typ.endswith("CAddTable"):
             h = sum(h[1:], h[0])
         elif typ.endswith("ReLU"):
@@ -182,7 +215,7 @@ def _torch7_features(result: ConversionResult, x: torch.Tensor) -> Dict[str, tor
                 groups=h.shape[1] // w.shape[1],
             )
         elif typ.endswith("SpatialBatchNormalization"):
-            eps = float(_field(m, "eps", 1e-5))
+            eps = float(t7_field(m, "eps", 1e-5))
             mean, var, weight, bias = (t(m, n) for n in ("running_mean", "running_var", "weight", "bias"))
             if var is not None:
                 h = F.batch_norm(h, mean, var, weight, bias, False, 0.0, eps)
@@ -193,7 +226,7 @@ def _torch7_features(result: ConversionResult, x: torch.Tensor) -> Dict[str, tor
         elif typ.endswith("SpatialMaxPooling"):
             h = F.max_pool2d(
                 h, ints(m, "kH", "kW"), ints(m, "dH", "dW"), ints(m, "padH", "padW"),
-                ceil_mode=bool(_field(m, "ceil_mode")),
+                ceil_mode=bool(t7_field(m, "ceil_mode")),
             )
         else:
             raise RuntimeError(f"the Torch7 reference cannot run a {typ} before res5")
