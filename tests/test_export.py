@@ -27,6 +27,7 @@ from detectron2.modeling import GeneralizedRCNN, build_backbone, build_model
 
 import resnext_det  # noqa: F401  registrations
 from resnext_det import export as E
+from resnext_det.export.exporter import _export_onnx_tracing, _quiet_export  # the exporter's internals
 from resnext_det.data.shapes import render_image
 from resnext_det.engine import setup_cfg
 from resnext_det.errors import UserError
@@ -285,8 +286,8 @@ def test_opset_below_16_refused_and_what_it_would_compute(family_model, tmp_path
     adapter = E.detector_adapter(model)
     os.makedirs(tmp_path / "forced")
     path = str(tmp_path / "forced" / "model.onnx")
-    with torch.no_grad(), E._quiet_export():
-        E._export_onnx_tracing(adapter, image, path, E.output_names(model), 11)
+    with torch.no_grad(), _quiet_export():
+        _export_onnx_tracing(adapter, image, path, E.output_names(model), 11)
     other = E.preprocess(cfg, _image(seed=1)[:, :96])
     ref, out = _eager(model, other), _run_file(path, other)
     wrong = len(ref[0]) != len(out[0]) or (ref[0] - out[0]).abs().max() > 0.1

@@ -16,7 +16,7 @@ import submitit
 from submitit.local.local import LocalJob
 from submitit.slurm.slurm import SlurmExecutor, SlurmJob
 
-from resnext_det.cli import launch
+from resnext_det.cli import job_wait, launch
 from resnext_det.engine import preemption
 from resnext_det.cli import submit as sub
 from resnext_det.cli.tool import run_tool
@@ -328,12 +328,12 @@ def _states(monkeypatch, states, then=None):
             then[k]()
         return states[min(k, len(states) - 1)]
 
-    monkeypatch.setattr(sub, "slurm_state", state)
+    monkeypatch.setattr(job_wait, "slurm_state", state)
     return calls
 
 
 def _wait(job, cluster="slurm", **kw):
-    return sub.wait_for_job(job, cluster, poll_s=0.01, max_poll_s=0.01, **kw)
+    return job_wait.wait_for_job(job, cluster, poll_s=0.01, max_poll_s=0.01, **kw)
 
 
 def test_wait_keeps_waiting_through_a_requeue(tmp_path, monkeypatch, capsys):
@@ -383,15 +383,15 @@ def test_slurm_state_reads_scontrol_and_squeue(monkeypatch):
         "scontrol": (0, "JobId=5 JobName=x JobState=PENDING Reason=BeginTime Dependency=(null) ExitCode=0:0\n"),
         "squeue": (1, "never asked"),
     }
-    monkeypatch.setattr(sub, "_run", lambda cmd: answers[cmd[0]])
-    assert sub.slurm_state("5") == ("PENDING", "exit code 0:0, reason BeginTime")
+    monkeypatch.setattr(job_wait, "_run", lambda cmd: answers[cmd[0]])
+    assert job_wait.slurm_state("5") == ("PENDING", "exit code 0:0, reason BeginTime")
     answers["scontrol"] = (1, "slurm_load_jobs error: Invalid job id specified\n")
-    assert sub.slurm_state("5")[0] == ""
+    assert job_wait.slurm_state("5")[0] == ""
     answers["scontrol"] = (None, "No such file or directory: 'scontrol'")
     answers["squeue"] = (0, "RUNNING\n")
-    assert sub.slurm_state("5") == ("RUNNING", "")
+    assert job_wait.slurm_state("5") == ("RUNNING", "")
     answers["squeue"] = (1, "slurm_load_jobs error: Unable to contact slurm controller\n")
-    assert sub.slurm_state("5") == (
+    assert job_wait.slurm_state("5") == (
         None, "scontrol: No such file or directory: 'scontrol'; squeue: slurm_load_jobs error: Unable to contact "
         "slurm controller"
     )  # fmt: skip

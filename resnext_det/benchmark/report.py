@@ -11,6 +11,7 @@ import torchvision
 
 from ..fast.amp import cpu_has_fast_bf16
 from ..modeling import ResNeXtSpec
+from ..utils.cores import available_cores
 from ..utils.io import atomic_write_json, atomic_write_text
 from .contenders import our_cfg
 from ..utils.measure import TIMING_METHOD, memory_method
@@ -68,7 +69,7 @@ def run_benchmark(
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     m = result["machine"]
     print(
-        f"machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} threads), "
+        f"machine: {m['cpu']} ({m['cpu_count']} available cores, {m['torch_threads']} threads), "
         f"torch {m['torch']}, torchvision {m['torchvision']}, detectron2 {m['detectron2']}, "
         f"device {m['device']}{' ' + m['gpu'] if 'gpu' in m else ''}; load average "
         f"{m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}",
@@ -97,7 +98,7 @@ def machine_info(device: str) -> dict:
         pass
     info = {
         "cpu": model or platform.processor(),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": available_cores(),  # the cores this process may use, not the machine's
         "torch_threads": torch.get_num_threads(),
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
@@ -210,7 +211,7 @@ def format_markdown(result: dict) -> str:
     """The tables of ``result`` as Markdown (what docs/performance.md shows)."""
     m = result["machine"]
     out = [
-        f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads"
+        f"Machine: {m['cpu']}, {m['cpu_count']} available cores, {m['torch_threads']} torch threads"
         + (f", GPU {m['gpu']}" if "gpu" in m else "")
         + f"; torch {m['torch']}, torchvision {m['torchvision']}, detectron2 {m['detectron2']}; "
         f"load average {m['loadavg_start'][0]:.1f} at start.",

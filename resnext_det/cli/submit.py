@@ -20,21 +20,18 @@ this module does the rest:
   :meth:`TrainJob.checkpoint` (the same argv plus ``--resume``) and requeues the job;
   a requeued Appendix B job (``UNSHARED.ENABLED``) skips its finished stages and
   resumes the first unfinished one;
-- :func:`wait_for_job` (``--wait``) polls the tasks' result files and the job's
-  state (``scontrol``/``squeue``, which work without SLURM accounting, unlike the
-  ``sacct`` that submitit's own watcher needs): a job that left the queue without
-  results failed, a requeued one is still running.
+- :func:`~.job_wait.wait_for_job` (``--wait``, :mod:`.job_wait`, re-exported here) polls
+  the tasks' result files and the job's state (``scontrol``/``squeue``, which work without
+  SLURM accounting, unlike the ``sacct`` that submitit's own watcher needs): a job that left
+  the queue without results failed, a requeued one is still running.
 """
 import argparse
 import contextlib
 import io
 import os
-import pickle
-import re
-import subprocess
 import sys
 import time
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence
 
 import torch
 
@@ -44,7 +41,8 @@ from ..data.custom import register_coco_datasets
 from ..errors import ConfigError, UserError
 from ..engine import preemption
 from ..engine.setup import override_keys, setup_cfg
-from . import launch
+from .job_wait import job_task, wait_for_job
+from .placement import TORCHRUN_VARS, slurm_port
 from .tool import run_tool
 from .train_net import argument_parser as train_parser
 from .train_net import cli
@@ -69,8 +67,6 @@ DEFAULT_TIME_MIN = 24 * 60
 DEFAULT_SIGNAL_DELAY_S = 120
 #: The argv ``--resume`` flag (``checkpoint()`` adds it once).
 RESUME = "--resume"
-#: Lines of a failed task's log printed by ``--wait``.
-TAIL_LINES = 20
 #: train_net.py's flags that a job does not take: a task is one process, SLURM or the
 #: LocalExecutor place it (the flag to use instead).
 _PLACEMENT_FLAGS = {
@@ -88,11 +84,6 @@ _SLURM_ONLY = {
     "mem_gb": "--mem-gb",
     "cpus_per_task": "--cpus-per-task",
 }
-#: SLURM job states of a job that may still run (a requeued job comes back PENDING).
-_ACTIVE_STATES = {
-    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SPECIAL_EXIT", "COMPLETING",
-    "CONFIGURING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD",
-}  # fmt: skip
 
 
 def _submitit():
@@ -234,7 +225,7 @@ def _export_torchrun_variables(env) -> None:
     os.environ.update(
         RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
         LOCAL_WORLD_SIZE=str(env.num_tasks // max(1, env.num_nodes)), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(launch.slurm_port(env.job_id)),
+        MASTER_PORT=str(slurm_port(env.job_id)),
     )  # fmt: skip
 
 
@@ -253,7 +244,7 @@ class TrainJob:
         if env.cluster == "local":
             _export_torchrun_variables(env)
         else:  # SLURM's variables place the task; torchrun's from the submitting shell must not
-            for name in launch.TORCHRUN_VARS:
+            for name in TORCHRUN_VARS:
                 os.environ.pop(name, None)
         errors: List[str] = []
 
@@ -375,7 +366,7 @@ def submit(args: argparse.Namespace, executor=None):
         with _std_streams_to(os.path.join(args.job_dir, "local_controller.log")):
             job = executor.submit(job_fn)
         for k in range(job.num_tasks):  # a job of an earlier process with the same id (pid)
-            stale = _task(job, k).paths.result_pickle
+            stale = job_task(job, k).paths.result_pickle
             if stale.exists() and stale.stat().st_mtime < start - 1:
                 stale.unlink()
         return job
@@ -387,13 +378,9 @@ def submit(args: argparse.Namespace, executor=None):
         raise ConfigError(f"sbatch refused the job: {text[-600:]}") from None
 
 
-def _task(job, k: int):
-    return job.task(k) if job.num_tasks > 1 else job
-
-
 def describe_submission(job, args: argparse.Namespace) -> str:
     """The one line that says what was submitted, where its log is and how to follow it."""
-    log = _task(job, 0).paths.stdout
+    log = job_task(job, 0).paths.stdout
     where = "local" if args.cluster == "local" else (args.partition or "the default partition")
     follow = f"tail -f {log}" + (f", squeue -j {job.job_id}" if args.cluster == "slurm" else "")
     return (
@@ -401,130 +388,3 @@ def describe_submission(job, args: argparse.Namespace) -> str:
         f"({args.gpus_per_node} GPU(s) per node) on {where}; logs: {log}; follow: {follow}"
     )
 
-
-# ---------------------------------------------------------------------------------------------
-# Waiting
-# ---------------------------------------------------------------------------------------------
-def _read_result(path) -> Optional[Tuple[str, object]]:
-    """A task's result file: ("success", value) or ("error", traceback); None if absent."""
-    try:
-        with open(path, "rb") as f:
-            out = pickle.load(f)
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # unreadable (written by another version?): a failure to report
-        return ("error", f"cannot read {path}: {type(e).__name__}: {e}")
-    return out if isinstance(out, tuple) and len(out) == 2 else ("error", f"unexpected result {out!r}")
-
-
-def _run(cmd: List[str]) -> Tuple[Optional[int], str]:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, str(e)
-    return r.returncode, r.stdout + r.stderr
-
-
-def slurm_state(job_id: str) -> Tuple[Optional[str], str]:
-    """(state, detail) of a SLURM job from ``scontrol show job`` (else ``squeue``): the
-    state (RUNNING, PENDING, FAILED, ...), "" when SLURM no longer knows the job, None
-    when SLURM could not be asked (detail: why)."""
-    rc, out = _run(["scontrol", "show", "job", "-o", str(job_id)])
-    if rc == 0 and "JobState=" in out:
-        state = re.search(r"JobState=(\S+)", out).group(1)
-        code = re.search(r"ExitCode=(\S+)", out)
-        reason = re.search(r"Reason=(\S+)", out)
-        detail = ", ".join(
-            x for x in (code and f"exit code {code.group(1)}", reason and reason.group(1) != "None"
-                        and f"reason {reason.group(1)}") if x
-        )  # fmt: skip
-        return state, detail
-    if "Invalid job id" in out:
-        return "", "no longer known to SLURM"
-    rc2, out2 = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T"])
-    if rc2 == 0:
-        return (out2.split()[0], "") if out2.split() else ("", "no longer in the queue")
-    if "Invalid job id" in out2:
-        return "", "no longer known to SLURM"
-    said = {"scontrol": out, "squeue": out2}
-    return None, "; ".join(f"{cmd}: {(text.strip().splitlines() or ['no answer'])[-1]}" for cmd, text in said.items())
-
-
-def _tail(path, n: int = TAIL_LINES) -> List[str]:
-    try:
-        with open(path, errors="replace") as f:
-            return [line.rstrip("\n") for line in f.readlines()[-n:]]
-    except OSError as e:
-        return [f"({e})"]
-
-
-def _failure_report(job, results, state_line: str) -> str:
-    """Which tasks failed and how; then the last lines of the log of the one to read first
-    (a user error, else the first error, else the first task without a result)."""
-    how = {}  # what happened -> the tasks it happened to
-    for k, r in enumerate(results):
-        if r is None:
-            what = "no result (killed, cancelled, or its node was lost)"
-        elif r[0] != "success":
-            last = [x for x in str(r[1]).strip().splitlines() if x.strip()][-1:] or ["error"]
-            what = last[0].strip()[:300]
-        else:
-            continue
-        how.setdefault(what, []).append(str(k))
-    errors = [k for k, r in enumerate(results) if r is not None and r[0] != "success"]
-    user = [k for k in errors if "train_net.py: error:" in str(results[k][1])]
-    missing = [k for k, r in enumerate(results) if r is None]
-    first = (user or errors or missing or [0])[0]
-    log = _task(job, first).paths.stdout
-    said = "; ".join(f"task{'s' if len(ks) > 1 else ''} {', '.join(ks)}: {what}" for what, ks in how.items())
-    lines = [f"submit.py: job {job.job_id} failed ({state_line}): {said}"]
-    lines.append(f"--- last lines of task {first}'s log {log} ---")
-    lines += _tail(log)
-    return "\n".join(lines)
-
-
-def wait_for_job(job, cluster: str, poll_s: float = 1.0, max_poll_s: float = 10.0, unreachable_s: float = 600.0,
-                 out=None, err=None) -> int:  # fmt: skip
-    """Wait until ``job`` ends: 0 when every task returned, else 1 after printing (on
-    ``err``) which task failed and the last lines of its log. Never waits on a job that
-    is gone: a job that left the queue (SLURM) or whose controller ended (local) without
-    every result failed. A requeued job (PENDING again) is still running."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-    n = job.num_tasks
-    paths = [_task(job, k).paths.result_pickle for k in range(n)]
-    start = time.monotonic()
-    unreachable_since = None
-    ended_polls = 0
-    while True:
-        results = [_read_result(p) for p in paths]
-        if all(r is not None and r[0] == "success" for r in results):
-            print(f"Job {job.job_id} finished: {n} task(s) succeeded.", file=out, flush=True)
-            return 0
-        if cluster == "local":
-            code = job._process.poll() if job._process is not None else -1
-            state, detail = (None, "") if code is None else ("ended", f"local controller exit status {code}")
-            ended = state is not None
-        else:
-            state, detail = slurm_state(job.job_id)
-            if state is None:
-                unreachable_since = unreachable_since or time.monotonic()
-                if time.monotonic() - unreachable_since > unreachable_s:
-                    print(f"submit.py: cannot ask SLURM about job {job.job_id} for {unreachable_s:g} s "
-                          f"({detail}): see squeue -j {job.job_id}", file=err, flush=True)  # fmt: skip
-                    return 1
-            else:
-                unreachable_since = None
-            ended = state is not None and state.split("+")[0] not in _ACTIVE_STATES
-        # An ended job is judged on the next poll too: result files written at the end may
-        # show late on a shared file system, and a preempted job may be requeued.
-        ended_polls = ended_polls + 1 if ended else 0
-        if ended_polls >= 3:
-            results = [_read_result(p) for p in paths]
-            if all(r is not None and r[0] == "success" for r in results):
-                continue
-            line = (state or "gone") + (f", {detail}" if detail else "")
-            print(_failure_report(job, results, line), file=err, flush=True)
-            return 1
-        elapsed = time.monotonic() - start
-        time.sleep(min(1.0, max_poll_s) if ended else min(max_poll_s, poll_s + elapsed / 60))

@@ -20,6 +20,11 @@ and, for each one:
    (truncated, not an image), more than 8 bits per channel (Detectron2 reads it as all
    white) or of another size than its json entry. Without it, these images are found
    when a loader reads them, and skipped by name (:mod:`.robust`).
+
+This module owns the checks of a dataset as a whole (its files, its boxes, its loading
+errors, the start-of-run check); the checks of one image file are :mod:`.image_checks`,
+the report (:class:`DatasetCheck`, :func:`format_checks`) is :mod:`.check_report`. Their
+public names are importable from here too.
 """
 import contextlib
 import json
@@ -27,18 +32,23 @@ import logging
 import os
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
-
-from PIL import Image
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from ..errors import ConfigError, MissingFileError, UserError
+from .check_report import SHOWN, DatasetCheck, format_checks, shown_paths
 from .coco_check import COCO_DATASETS
+from .image_checks import (
+    ImageProblem,
+    UnusableImage,
+    check_image_file,
+    image_problem,
+    thread_map,
+    unreadable_images,
+)
 
 __all__ = [
     "MOST_MISSING",
@@ -66,121 +76,14 @@ MOST_MISSING = 0.5
 #: From this many images on, files are checked by a pool of threads (on a network file
 #: system a stat waits ~0.1-1 ms for the server; threads wait together).
 PARALLEL_FROM = 1000
-#: How many file names a log line shows.
-SHOWN = 3
-
-#: PIL modes of images with more than 8 bits per channel: Detectron2's read_image
-#: converts them to RGB by clipping at 255 (an all-white image). 16-bit RGB PNGs are
-#: opened by PIL as 8-bit RGB (the high byte of each value) and are not among them.
-HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-_EXIF_ORIENTATION = 0x0112
-_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class UnusableImage(OSError):
-    """An image file that training or evaluation cannot use as it is; the message says why."""
-
-
-class ImageProblem(NamedTuple):
-    """Why one image cannot be used.
-
-    Attributes:
-        path: the file.
-        kind: "missing", "unreadable" (truncated, not an image), "high-bit" (more than 8
-            bits per channel) or "wrong-size" (not the size of its json entry).
-        reason: a sentence, with the fix where there is one.
-    """
-
-    path: str
-    kind: str
-    reason: str
-
-
-def _high_bit_reason(mode: str) -> str:
-    return (
-        f"a {mode} (more than 8 bits per channel) image, which Detectron2 reads as all white: "
-        "convert it to 8 bits (e.g. PIL: (array / 257).astype('uint8'))"
-    )
-
-
-def image_problem(
-    path: str, width: Optional[int] = None, height: Optional[int] = None, *, decode: bool = True
-) -> Optional[ImageProblem]:
-    """What makes the image at ``path`` unusable, or None when it is usable.
-
-    Args:
-        path: the image file.
-        width, height: the size its json entry gives (None: not compared). Compared after
-            the EXIF orientation, as Detectron2's ``read_image`` applies it.
-        decode: decode the pixels (finds truncated files: ~1-5 ms a photo); False reads the
-            header only (finds missing, non-image and high-bit files, and wrong sizes).
-    """
-    try:
-        with Image.open(path) as im:
-            mode, (w, h) = im.mode, im.size
-            try:
-                orientation = im.getexif().get(_EXIF_ORIENTATION)
-            except Exception:  # Detectron2 ignores unreadable EXIF data too
-                orientation = None
-            if decode and mode not in HIGH_BIT_MODES:
-                im.load()
-    except FileNotFoundError:
-        return ImageProblem(path, "missing", "not on disk")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        # PIL.UnidentifiedImageError and "image file is truncated" are OSErrors
-        return ImageProblem(path, "unreadable", f"not an image PIL can read ({e})")
-    if mode in HIGH_BIT_MODES:
-        return ImageProblem(path, "high-bit", _high_bit_reason(mode))
-    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: width and height swap
-        w, h = h, w
-    if width is not None and height is not None and (w, h) != (width, height):
-        return ImageProblem(
-            path, "wrong-size",
-            f"is {w}x{h} (width x height) but its json entry says {width}x{height}: correct "
-            "'width'/'height' in the json (the boxes must be in the image's own pixels)",
-        )  # fmt: skip
-    return None
-
-
-def check_image_file(path: str) -> None:
-    """Raise :class:`UnusableImage` for a missing file, a file PIL cannot identify or a
-    high-bit-depth image (reads only the header; truncation shows when the pixels are
-    decoded, and a wrong size in Detectron2's ``check_image_size``)."""
-    problem = image_problem(path, decode=False)
-    if problem is not None:
-        raise UnusableImage(problem.reason)
-
-
-def unreadable_images(folder: str, *, exts: Sequence[str] = _IMAGE_EXTS) -> List[Tuple[str, str]]:
-    """Decode every image of ``folder`` (not recursive) and return ``(file, reason)`` for
-    each one training could not use: truncated, not an image, more than 8 bits. Slow on
-    purpose (a full decode: about 5 ms a COCO image on one core)."""
-    with os.scandir(folder) as it:
-        names = sorted(e.name for e in it if e.name.lower().endswith(tuple(exts)))
-    problems = _map(lambda n: image_problem(os.path.join(folder, n)), names, threads=len(names) >= 64)
-    return [(p.path, p.reason) for p in problems if p is not None]
-
-
-def _map(fn, items: Sequence, *, threads: bool, workers: Optional[int] = None, chunk: int = 256) -> List:
-    """``[fn(x) for x in items]``, by a pool of threads in chunks when ``threads``."""
-    if not threads or len(items) <= chunk:
-        return [fn(x) for x in items]
-    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
-    with ThreadPoolExecutor(workers or min(32, 4 * (os.cpu_count() or 1))) as pool:
-        return [y for ys in pool.map(lambda c: [fn(x) for x in c], chunks) for y in ys]
 
 
 def missing_images(dicts: Sequence[dict], *, workers: Optional[int] = None) -> List[str]:
     """The ``file_name`` of each dict that is not a file on disk (a stat each; a pool of
     ``workers`` threads from :data:`PARALLEL_FROM` dicts on)."""
     paths = [d["file_name"] for d in dicts if "file_name" in d]
-    exists = _map(os.path.isfile, paths, threads=len(paths) >= PARALLEL_FROM, workers=workers)
+    exists = thread_map(os.path.isfile, paths, threads=len(paths) >= PARALLEL_FROM, workers=workers)
     return [p for p, ok in zip(paths, exists) if not ok]
-
-
-def _shown(paths: Sequence[str], n: int = SHOWN) -> str:
-    more = f", ... ({len(paths) - n} more)" if len(paths) > n else ""
-    return ", ".join(paths[:n]) + more
 
 
 def _json_of(name: str) -> Optional[str]:
@@ -219,7 +122,7 @@ def _warn_missing_once(name: str, n: int, missing: Sequence[str], what: str) -> 
     _warned_missing.setdefault(name, set()).update(missing)
     logger.warning(
         "%s: %d of %d image files named in its json%s are not on disk and are left out of %s: %s",
-        name, len(missing), n, _where(name), what, _shown(missing),
+        name, len(missing), n, _where(name), what, shown_paths(missing),
     )  # fmt: skip
 
 
@@ -381,97 +284,6 @@ def dataset_errors(name: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- the check
-@dataclass
-class DatasetCheck:
-    """What :func:`check_datasets` found in one dataset.
-
-    Attributes:
-        name: the dataset name.
-        json_file, image_root: from its metadata (None when it has none).
-        num_images, num_boxes: images, and annotations with a box (crowd ones included).
-        classes: its class names (``thing_classes``), None when unknown.
-        empty_images: images without a non-crowd annotation (training leaves them out).
-        missing: image files not on disk.
-        unusable: with ``verify_images``: the images that decode badly, have more than 8 bits
-            per channel, or another size than their json entry.
-        boxes, box_images: :func:`box_problems`.
-        error: why the dataset cannot be used at all (a missing json, an unknown category,
-            most of its images missing); None when it can.
-        verified: whether every image was decoded.
-        seconds: what the check took.
-    """
-
-    name: str
-    json_file: Optional[str] = None
-    image_root: Optional[str] = None
-    num_images: int = 0
-    num_boxes: int = 0
-    classes: Optional[List[str]] = None
-    empty_images: int = 0
-    missing: List[str] = field(default_factory=list)
-    unusable: List[ImageProblem] = field(default_factory=list)
-    boxes: Dict[str, int] = field(default_factory=dict)
-    box_images: List[str] = field(default_factory=list)
-    error: Optional[UserError] = None
-    verified: bool = False
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        """Usable as it is: no error, no missing and no unusable image."""
-        return self.error is None and not self.missing and not self.unusable
-
-    def summary(self) -> str:
-        """One line: the counts, and what a run leaves out."""
-        if self.error is not None:
-            return str(self.error)
-        cls = "" if self.classes is None else f", {len(self.classes)} categories"
-        parts = [f"{self.num_images} images, {self.num_boxes} boxes{cls}"]
-        if self.missing:
-            parts.append(f"{len(self.missing)} image file(s) missing")
-        if self.unusable:
-            parts.append(f"{len(self.unusable)} unusable image(s)")
-        if self.boxes:
-            parts.append(f"{sum(self.boxes.values())} boxes training drops")
-        if self.empty_images:
-            parts.append(f"{self.empty_images} images without annotations")
-        if not self.missing and not self.unusable:
-            parts.append("every image decodes" if self.verified else "every image file is present")
-        where = f" ({self.json_file})" if self.json_file else ""
-        return f"dataset {self.name!r}{where}: " + ", ".join(parts) + f" ({self.seconds:.2f} s)"
-
-    def lines(self) -> List[str]:
-        """The report ``datasets/prepare_coco.py --check`` prints for this dataset."""
-        head = f"Dataset {self.name}"
-        if self.json_file or self.image_root:
-            head += f": json {self.json_file or '-'}, images in {self.image_root or '-'}"
-        out = [head]
-        tag = lambda t: f"  [{t:>11}]"  # noqa: E731
-        if self.error is not None:
-            return out + [f"{tag('ERROR')} {self.error}"]
-        names = ""
-        if self.classes:
-            names = ": " + ", ".join(map(str, self.classes[:8])) + (", ..." if len(self.classes) > 8 else "")
-        out.append(f"{tag('ok' if self.ok else 'NOT OK')} {self.num_images} images, {self.num_boxes} boxes, "
-                   f"{'?' if self.classes is None else len(self.classes)} categories{names}")
-        if self.missing:
-            out.append(f"{tag('MISSING')} {len(self.missing)} of {self.num_images} image files are not on disk "
-                       f"(a run leaves them out): {_shown(self.missing, 10)}")
-        for p in self.unusable[:20]:
-            out.append(f"{tag(p.kind.upper())} {p.path}: {p.reason}")
-        if len(self.unusable) > 20:
-            out.append(f"{tag('')} ... and {len(self.unusable) - 20} more unusable images")
-        if self.boxes:
-            kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.boxes.items()))
-            out.append(f"{tag('BOXES')} {sum(self.boxes.values())} boxes training drops ({kinds}; COCO "
-                       f"evaluation counts them): in {_shown(self.box_images, 5)}")
-        if self.empty_images:
-            out.append(f"{tag('EMPTY')} {self.empty_images} images without annotations (training leaves them out)")
-        if not self.verified:
-            out.append(f"{tag('')} images not decoded: --verify-images decodes each one")
-        return out
-
-
 def _dataset_names(cfg_or_names: Union[CfgNode, str, Iterable[str]]) -> List[str]:
     if isinstance(cfg_or_names, CfgNode):
         names: Iterable[str] = list(cfg_or_names.DATASETS.TRAIN) + list(cfg_or_names.DATASETS.TEST)
@@ -511,7 +323,7 @@ def _check_one(name: str, *, verify_images: bool, workers: Optional[int]) -> Dat
     if verify_images:
         gone = set(r.missing)
         todo = [d for d in dicts if "file_name" in d and d["file_name"] not in gone]
-        found = _map(lambda d: image_problem(d["file_name"], d.get("width"), d.get("height")), todo,
+        found = thread_map(lambda d: image_problem(d["file_name"], d.get("width"), d.get("height")), todo,
                      threads=len(todo) >= 64, workers=workers)  # fmt: skip
         r.unusable = [p for p in found if p is not None]
         r.verified = True
@@ -565,18 +377,3 @@ def check_datasets(
         raise first
     return reports
 
-
-def format_checks(reports: Sequence[DatasetCheck]) -> str:
-    """The report of ``datasets/prepare_coco.py --check --register-coco``: each dataset's
-    :meth:`DatasetCheck.lines`, then READY or NOT READY."""
-    lines: List[str] = []
-    for r in reports:
-        lines += r.lines() + [""]
-    bad = [r for r in reports if not r.ok]
-    if bad:
-        lines.append(f"NOT READY: {len(bad)} of {len(reports)} datasets have missing or unusable files or "
-                     "cannot be loaded: " + ", ".join(r.name for r in bad))
-    else:
-        how = "decoded" if all(r.verified for r in reports) else "present"
-        lines.append(f"READY: all {len(reports)} datasets load and every image file is {how}.")
-    return "\n".join(lines)

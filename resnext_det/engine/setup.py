@@ -25,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_resnext_config
 from ..errors import ConfigError, MissingFileError
+from ..utils.cores import available_cores  # its home; importable from here too (__all__)
 
 __all__ = [
     "available_cores", "check_lazy_device", "close_keys", "fit_dataloader_workers", "processes_on_host",
@@ -176,14 +177,6 @@ def setup_logging(output_dir: Optional[str] = None) -> None:
     """The package's logger (INFO) on the console of the main process and, with
     ``output_dir``, in its ``log.txt`` (as Detectron2's own loggers). Idempotent."""
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name=PACKAGE_LOGGER, abbrev_name="rxd")
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, else all of them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 _PROCESSES_ON_HOST: Optional[int] = None

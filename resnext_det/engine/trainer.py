@@ -47,7 +47,7 @@ class Trainer(DefaultTrainer):
                 logger.info("Removed %d temporary file(s) that interrupted writes left in %s", n, cfg.OUTPUT_DIR)
         # The solver as configured, before Detectron2 scales it to the world size.
         self._solver_record = SolverRecord(cfg)
-        with _cpu_ddp(cfg):
+        with _cpu_ddp(cfg), _our_checkpointer(cfg):
             super().__init__(cfg)
         if cfg.SOLVER.AMP.ENABLED:
             # Detectron2's AMPTrainer is CUDA-only; autocast on CPU (bf16) or CUDA
@@ -66,11 +66,10 @@ class Trainer(DefaultTrainer):
             )
 
     def build_hooks(self):
-        """Detectron2's hooks, checkpointing through :class:`ResNeXtCheckpointer`:
-        every checkpoint written whole (temporary name, fsync, rename), resume falling
-        back to the newest complete one, and the solver recorded (see :class:`SolverRecord`)."""
-        old = self.checkpointer
-        self.checkpointer = ResNeXtCheckpointer(old.model, old.save_dir, cfg=self.cfg, **old.checkpointables)
+        """Detectron2's hooks, checkpointing through the trainer's one
+        :class:`ResNeXtCheckpointer`: every checkpoint written whole (temporary name,
+        fsync, rename), resume falling back to the newest complete one, and the solver
+        recorded (see :class:`SolverRecord`)."""
         self.checkpointer.add_checkpointable("solver", self._solver_record)
         return super().build_hooks() + [StopAndSave(self.checkpointer)]
 
@@ -126,7 +125,7 @@ class Trainer(DefaultTrainer):
         attach_weights_record(self.checkpointer, self.cfg)
         if resume and self.checkpointer.has_checkpoint():
             return super().resume_or_load(resume=True)
-        ResNeXtCheckpointer(self.model, cfg=self.cfg).load(self.cfg.MODEL.WEIGHTS)
+        self.checkpointer.load(self.cfg.MODEL.WEIGHTS, checkpointables=[])  # the model only
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
@@ -207,6 +206,19 @@ class SolverRecord:
 
 def _plain(v):
     return list(v) if isinstance(v, (list, tuple)) else v
+
+
+@contextlib.contextmanager
+def _our_checkpointer(cfg: CfgNode):
+    """DefaultTrainer's constructor creates a plain DetectionCheckpointer; the trainer's
+    one checkpointer is a :class:`ResNeXtCheckpointer` of ``cfg`` (strict loading, whole
+    files), created there instead. Patched for the constructor's duration."""
+    original = _d2_defaults.DetectionCheckpointer
+    _d2_defaults.DetectionCheckpointer = functools.partial(ResNeXtCheckpointer, cfg=cfg)
+    try:
+        yield
+    finally:
+        _d2_defaults.DetectionCheckpointer = original
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ from .adapters import (
     detector_adapter,
     export_config,
     export_weights,
+    meta_arch,
     output_names,
     preprocess,
     sample_image,
@@ -62,7 +63,7 @@ from .constants import (
     TOLERANCES,
     ExportError,
 )
-from .exporter import ExportResult, _export_onnx_tracing, _quiet_export, export_model
+from .exporter import ExportResult, export_model
 from .latency import benchmark_latency, benchmark_table
 from .run import run_export
 
@@ -79,6 +80,7 @@ __all__ = [
     "export_weights",
     "build_eager_model",
     "detector_adapter",
+    "meta_arch",
     "output_names",
     "sample_image",
     "verification_images",

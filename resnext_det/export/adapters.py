@@ -160,7 +160,10 @@ class _MaskOutputs(nn.Module):
         return inst.pred_boxes.tensor, inst.scores, inst.pred_classes, inst.pred_masks
 
 
-def _meta_arch(model: nn.Module) -> str:
+def meta_arch(model: nn.Module) -> str:
+    """The meta-architecture of ``model`` as the exporter names it: "UnsharedRCNN",
+    "GeneralizedRCNN" (subclasses included) or "RetinaNet"; else its class name (which
+    :func:`detector_adapter` refuses)."""
     if isinstance(model, UnsharedRCNN):
         return "UnsharedRCNN"
     if isinstance(model, GeneralizedRCNN):
@@ -187,7 +190,7 @@ def detector_adapter(model: nn.Module) -> nn.Module:
     Raises:
         ExportError: a meta-architecture the project does not export.
     """
-    kind = _meta_arch(model)
+    kind = meta_arch(model)
     if kind == "UnsharedRCNN":
         detect = _UnsharedDetect(model)
     elif kind == "GeneralizedRCNN":

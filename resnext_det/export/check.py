@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .adapters import _meta_arch
+from .adapters import meta_arch
 from .constants import TOLERANCES, ExportError
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def eager_detections(model: nn.Module, image: Tensor) -> Dict[str, Tensor]:
     before pasting), ``forward`` (postprocessed at the input's own size) for
     RetinaNet and UnsharedRCNN."""
     inputs = [{"image": image}]
-    if _meta_arch(model) == "GeneralizedRCNN":
+    if meta_arch(model) == "GeneralizedRCNN":
         inst = model.inference(inputs, do_postprocess=False)[0]
     else:
         inst = model(inputs)[0]["instances"]

@@ -2,10 +2,6 @@
 """Formats, methods, opsets and tolerances of the exporter, and its error."""
 import logging
 
-from torch import Tensor
-
-from detectron2.structures import Boxes
-
 from ..errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -22,16 +18,6 @@ MIN_OPSET_ALIGNED_ROI_ALIGN = 16
 #: eager model (fp32 both; correct exports measure 1e-4 px and below, see
 #: docs/deploy.md): boxes in pixels, scores and mask probabilities absolute.
 TOLERANCES = {"boxes": 0.01, "scores": 1e-4, "masks": 1e-4}
-_EXT = {"torchscript": "model.ts", "onnx": "model.onnx"}
-# Instances fields the scripted models use (Detectron2's export_model.py list).
-_SCRIPT_FIELDS = {
-    "proposal_boxes": Boxes,
-    "objectness_logits": Tensor,
-    "pred_boxes": Boxes,
-    "scores": Tensor,
-    "pred_classes": Tensor,
-    "pred_masks": Tensor,
-}
 
 
 class ExportError(UserError):

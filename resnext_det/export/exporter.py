@@ -16,21 +16,26 @@ from torch import Tensor, nn
 
 from detectron2.layers import ROIAlign
 from detectron2.modeling.roi_heads import CascadeROIHeads
+from detectron2.structures import Boxes
 
 from ..fast import AutocastInference, FastROIAlign
 from ..utils.io import atomic_write, atomic_write_bytes, atomic_write_json
-from .adapters import _meta_arch, detector_adapter, output_names
-from .constants import (
-    _EXT,
-    _SCRIPT_FIELDS,
-    DEFAULT_OPSET,
-    FORMATS,
-    METHODS,
-    MIN_OPSET_ALIGNED_ROI_ALIGN,
-    ExportError,
-)
+from .adapters import detector_adapter, meta_arch, output_names
+from .constants import DEFAULT_OPSET, FORMATS, METHODS, MIN_OPSET_ALIGNED_ROI_ALIGN, ExportError
 
 logger = logging.getLogger(__name__)
+
+# The file each format is written to, in the output folder.
+_EXT = {"torchscript": "model.ts", "onnx": "model.onnx"}
+# Instances fields the scripted models use (Detectron2's export_model.py list).
+_SCRIPT_FIELDS = {
+    "proposal_boxes": Boxes,
+    "objectness_logits": Tensor,
+    "pred_boxes": Boxes,
+    "scores": Tensor,
+    "pred_classes": Tensor,
+    "pred_masks": Tensor,
+}
 
 
 # ----------------------------------------------------------------------------- export
@@ -221,7 +226,7 @@ def export_model(
     """
     if model.training:
         raise ExportError("the model is in training mode: export it in eval mode (model.eval())")
-    kind = _meta_arch(model)
+    kind = meta_arch(model)
     _refuse(model, kind, format, method, opset)
     adapter = detector_adapter(model)
     names = output_names(model)
