@@ -177,7 +177,7 @@ def _coco_subset(src_json, dst_json, n):
 
 
 def _appendix_bopts(out):
-    from test_unshared import TINY as UNSHARED_TINY  # the schedule's tiny settings, 2-process reference
+    from unshared_runs import TINY as UNSHARED_TINY  # the schedule's tiny settings, 2-process reference
 
     return [*UNSHARED_TINY, "MODEL.ROI_HEADS.NUM_CLASSES", "3", "DATASETS.TRAIN", "('cl_train',)",
             "DATASETS.TEST", "('cl_val',)", "SOLVER.CHECKPOINT_PERIOD", "1000", "UNSHARED.RPN.MAX_ITER", "400",

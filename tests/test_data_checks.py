@@ -368,10 +368,10 @@ def test_report_of_several_datasets_and_an_unregistered_name(tmp_path):
 
 
 def test_appendix_b_results_table_says_how_many_images_an_evaluation_skipped():
-    from resnext_det.unshared.schedule import _markdown
+    from resnext_det.unshared.report import results_markdown
 
-    md = _markdown({"stored_proposals": {"mine_val": {"bbox": {"AP": 40.0}, "skipped_images": 2}},
-                    "end_to_end": {"mine_val": {"bbox": {"AP": 41.0}}}})
+    md = results_markdown({"stored_proposals": {"mine_val": {"bbox": {"AP": 40.0}, "skipped_images": 2}},
+                           "end_to_end": {"mine_val": {"bbox": {"AP": 41.0}}}})
     notes = [line for line in md.splitlines() if line.startswith("- ")]
     assert notes == ["- ours: Fast R-CNN on stored proposals (stage 4), mine_val: 2 image(s) skipped (unreadable, "
                      "missing or of another size than the json's; named in the log and in skipped_images.json): "

@@ -1,7 +1,7 @@
 """Stage 2 of the Appendix B schedule (``dump_proposals``) saves its work in chunks: a run killed
 or preempted loses at most one chunk of images per process, and the rerun computes only the rest.
 
-Every run here is on the 16-image test set of tests/test_unshared.py with an untrained tiny RPN,
+Every run here is on the 16-image test set of tests/unshared_runs.py with an untrained tiny RPN,
 on one process (two ranks are played one after the other by patching Detectron2's ``comm``), and
 is checked against what Detectron2's own ``build_detection_test_loader`` and ``ProposalNetwork``
 give for the same weights, and against Detectron2's ``InferenceSampler`` for the split of the
@@ -28,7 +28,7 @@ from resnext_det.engine import preemption, setup_cfg
 from resnext_det.errors import ConfigError
 from resnext_det.unshared import dump_proposals, run_schedule, stage_configs
 from resnext_det.unshared.proposals import _remaining_dicts
-from test_unshared import DET, N_IMAGES, TEST_DS, _stage1_done, tiny_cfg
+from unshared_runs import DET, N_IMAGES, TEST_DS, _stage1_done, tiny_cfg
 
 PRE, POST = 300, 50  # the test top-k of TINY
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -282,7 +282,7 @@ def test_chunk_images_comes_from_the_config_and_must_be_positive(tmp_path, monke
     """UNSHARED.PROPOSALS.CHUNK_IMAGES (default 1000) is what stage 2 gives dump_proposals for
     every dataset; a value below 1 is refused naming the key; it is not part of what the
     proposals are made from (a finished stage 2 is not reported as made with another config)."""
-    from resnext_det.unshared import schedule
+    from resnext_det.unshared import stages
 
     assert tiny_cfg(tmp_path).UNSHARED.PROPOSALS.CHUNK_IMAGES == 1000
     cfg = setup_cfg(os.path.join(DET, "faster_rcnn_X_101_32x4d_C4_appendixB.yaml"),
@@ -293,8 +293,8 @@ def test_chunk_images_comes_from_the_config_and_must_be_positive(tmp_path, monke
         asked[name] = kw.get("chunk_images")
         return {"file": path}
 
-    monkeypatch.setattr(schedule, "load_model", lambda *a, **k: torch.nn.Identity())
-    monkeypatch.setattr(schedule, "dump_proposals", record)
+    monkeypatch.setattr(stages, "load_model", lambda *a, **k: torch.nn.Identity())
+    monkeypatch.setattr(stages, "dump_proposals", record)
     _stage1_done(cfg)
     run_schedule(cfg, stage="proposals")
     assert asked == {"coco_2014_train": 7, "coco_2014_valminusminival": 7, "coco_2014_minival": 7}
@@ -310,5 +310,5 @@ def test_chunk_images_comes_from_the_config_and_must_be_positive(tmp_path, monke
                        pre_nms_topk=1, post_nms_topk=1, chunk_images=0)  # fmt: skip
 
     cfgs = stage_configs(cfg)
-    assert "UNSHARED.PROPOSALS.CHUNK_IMAGES" not in schedule._identity(cfgs["rpn"], "proposals")
-    assert "UNSHARED.PROPOSALS.TRAIN_POST_NMS_TOPK" in schedule._identity(cfgs["rpn"], "proposals")
+    assert "UNSHARED.PROPOSALS.CHUNK_IMAGES" not in stages.config_identity(cfgs["rpn"], "proposals")
+    assert "UNSHARED.PROPOSALS.TRAIN_POST_NMS_TOPK" in stages.config_identity(cfgs["rpn"], "proposals")

@@ -25,11 +25,12 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_resnext_config
 from ..errors import ConfigError, MissingFileError
+from ..utils.io import remove_stale_temporaries
 from ..utils.cores import available_cores  # its home; importable from here too (__all__)
 
 __all__ = [
     "available_cores", "check_lazy_device", "close_keys", "fit_dataloader_workers", "processes_on_host",
-    "read_cfg", "set_processes_on_host", "setup_cfg", "setup_logging", "setup_run", "share_cpu_cores",
+    "read_cfg", "remove_run_temporaries", "set_processes_on_host", "setup_cfg", "setup_logging", "setup_run", "share_cpu_cores",
     "warn_ignored_keys", "PACKAGE_LOGGER",
 ]  # fmt: skip
 
@@ -241,20 +242,41 @@ def read_cfg(config_file: str, opts: Optional[Sequence[str]] = None, *, device_f
     return cfg
 
 
+def remove_run_temporaries(output_dir: str) -> int:
+    """Remove the temporary files that writes killed half way left in a run's
+    ``output_dir`` and its folders (the Appendix B stage folders): the one clean-up of a
+    run, at its start, on the main process (no other process of the run writes yet).
+    Returns how many were removed."""
+    folders = [output_dir]
+    if os.path.isdir(output_dir):
+        folders += sorted(e.path for e in os.scandir(output_dir) if e.is_dir())
+    total = 0
+    for folder in folders:
+        n = remove_stale_temporaries(folder)
+        if n:
+            logger.info("Removed %d temporary file(s) that interrupted writes left in %s", n, folder)
+        total += n
+    return total
+
+
 def setup_run(cfg: CfgNode, args=None, *, freeze: bool = True) -> CfgNode:
     """``cfg`` (from :func:`read_cfg`) ready for a run: ``DATALOADER.NUM_WORKERS`` at
     most the cores of this process's share (:func:`fit_dataloader_workers`). With
     ``args`` (from :func:`detectron2.engine.default_argument_parser`), also runs
     Detectron2's :func:`default_setup` (output folder, seeds, its loggers; it logs the
     environment and the whole config and writes ``OUTPUT_DIR/config.yaml``) and sets
-    up the package's logger and the CPU-core share of this process: what should end a
-    run before all that is checked before this call. Returns ``cfg``.
+    up the package's logger and the CPU-core share of this process, and removes the
+    temporary files that writes killed half way left in ``OUTPUT_DIR`` and its folders
+    (:func:`remove_stale_temporaries`, on the main process): what should end a run before
+    all that is checked before this call. Returns ``cfg``.
     """
     workers = fit_dataloader_workers(cfg)  # before default_setup writes OUTPUT_DIR/config.yaml
     if args is not None:
         default_setup(cfg, args)
         setup_logging(cfg.OUTPUT_DIR)
         share_cpu_cores(cfg)
+        if comm.is_main_process():
+            remove_run_temporaries(cfg.OUTPUT_DIR)
     if workers:
         logger.info(workers)
     warn_ignored_keys(cfg)

@@ -5,8 +5,6 @@ import functools
 import os
 from typing import List, Optional
 
-import logging
-
 import torch
 
 import detectron2.engine.defaults as _d2_defaults
@@ -26,12 +24,10 @@ from ..data.robust import (
 )
 from ..errors import ConfigError
 from ..fast import AutocastTrainer, amp_dtype, apply_fast_path, prepare_for_inference
-from ..utils.io import remove_stale_temporaries
 from . import preemption
 
 __all__ = ["Trainer", "SolverRecord", "StopAndSave"]
 
-logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
@@ -41,10 +37,6 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg: CfgNode):
-        if comm.is_main_process():
-            n = remove_stale_temporaries(cfg.OUTPUT_DIR)
-            if n:
-                logger.info("Removed %d temporary file(s) that interrupted writes left in %s", n, cfg.OUTPUT_DIR)
         # The solver as configured, before Detectron2 scales it to the world size.
         self._solver_record = SolverRecord(cfg)
         with _cpu_ddp(cfg), _our_checkpointer(cfg):

@@ -3,8 +3,10 @@
 share features, trained in stages (Xie et al., CVPR 2017, Appendix B)."""
 from ..modeling.unshared_rcnn import UnsharedRCNN
 from .proposals import ProposalFileMismatch, check_proposal_file, dump_proposals, load_proposal_file
-from .schedule import TABLE8, export_unshared_checkpoint, read_stage_marker, run_schedule
-from .stages import STAGE_DIRS, STAGES, proposal_file, stage_configs
+from .report import TABLE8
+from .schedule import read_stage_marker, run_schedule
+from .stages import SCHEDULE, STAGE_DIRS, STAGES, Stage, proposal_file, stage_configs
+from .training import export_unshared_checkpoint
 
 __all__ = [
     "UnsharedRCNN",
@@ -12,8 +14,10 @@ __all__ = [
     "check_proposal_file",
     "dump_proposals",
     "load_proposal_file",
+    "SCHEDULE",
     "STAGE_DIRS",
     "STAGES",
+    "Stage",
     "TABLE8",
     "export_unshared_checkpoint",
     "proposal_file",
