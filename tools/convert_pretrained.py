@@ -18,35 +18,22 @@ is read from the file (or given), and ``--to-rgb`` makes a BGR one take RGB.
 ``--verify`` runs the source model and our backbone on the same images; it fails
 (exit 1, nothing written) unless res2..res5 agree to float precision. Errors exit
 with status 2 and say what to change. MODEL.WEIGHTS names (torchvision://...)
-run this same conversion on the fly: see docs/weights.md.
+run this same conversion on the fly: see docs/weights.md. The work is done by
+:mod:`resnext_det.cli.convert_pretrained`.
 """
 import argparse
 import logging
 import os
-import shlex
 import sys
 
-from resnext_det.checkpoint import (
-    CONVENTIONS,
-    FORMATS,
-    ConversionError,
-    config_pairs,
-    config_yaml,
-    convert_weights,
-    format_opts,
-    is_source_name,
-    max_relative_error,
-    resolve_source,
-    save_converted,
-    verify_conversion,
-)
+from resnext_det.checkpoint import CONVENTIONS, FORMATS
+from resnext_det.cli import convert_pretrained  # the work: conversion, verification, config keys
 from resnext_det.cli.tool import run_tool
 from resnext_det.presets import PRESETS
-from resnext_det.utils.io import atomic_write_text
 
+#: The repository this tool belongs to: --base defaults to its configs/Base-ResNeXt-FPN.yaml.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BASE = os.path.join(ROOT, "configs", "Base-ResNeXt-FPN.yaml")
-logger = logging.getLogger("resnext_det.convert_pretrained")
 
 
 def _bool(s: str) -> bool:
@@ -121,88 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> int:
-    if is_source_name(args.input):
-        src = resolve_source(args.input)  # an unknown name: WeightsSourceError, one line
-        raise ConversionError(
-            f"{args.input!r} is a weights name, not a file: set MODEL.WEIGHTS {args.input} (downloaded, "
-            f"checked and converted on first use, see docs/weights.md), or download {src.url} and "
-            f"convert that file"
-        )
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise ConversionError("OUTPUT must differ from INPUT")
-    base = None
-    if args.config_out and args.base.lower() != "none":
-        if not os.path.isfile(args.base):
-            raise ConversionError(f"--base {args.base!r} does not exist")
-        if not args.config_out.endswith((".yaml", ".yml")):
-            raise ConversionError(f"--config-out {args.config_out!r}: name it *.yaml")
-        base = os.path.abspath(args.base)
-        out_dir = os.path.dirname(os.path.abspath(args.config_out))
-        if os.path.commonpath([out_dir, ROOT]) == ROOT and os.path.commonpath([base, ROOT]) == ROOT:
-            base = os.path.relpath(base, out_dir)  # inside the repository: keep it relocatable
-
-    result = convert_weights(
-        args.input,
-        fmt=args.format,
-        arch=args.arch,
-        convention=args.convention,
-        pixel_mean=args.pixel_mean,
-        pixel_std=args.pixel_std,
-        stride_in_1x1=args.stride_in_1x1,
-        to_rgb=args.to_rgb,
-        use_ema=args.use_ema,
-        trust_pickle=args.trust_pickle,
-        progress=not args.quiet,
-    )
-    meta = result.metadata
-    if args.verify:
-        logger.info("Verifying on 2 random %dx%d images ...", args.verify_size, args.verify_size)
-        diffs = verify_conversion(result.verification_view(), size=args.verify_size)
-        print(f"--verify: {result.format} source model vs resnext_det backbone ({args.verify_size}x{args.verify_size}):")
-        for stage, (d, m) in diffs.items():
-            print(f"  {stage}: max |diff| = {d:.3g}  (max |feature| = {m:.3g})")
-        err = max_relative_error(diffs)
-        if not err <= args.tolerance:
-            print(
-                f"--verify FAILED: max relative difference {err:.3g} > --tolerance {args.tolerance:g}. "
-                f"{args.output} was not written. Check --stride-in-1x1 / --format / the file.",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"--verify passed: max relative difference {err:.3g} <= {args.tolerance:g}")
-
-    save_converted(result, args.output)
-    weights = os.path.abspath(args.output)
-    pairs = config_pairs(meta, weights)
-    a, i = meta.arch, meta.input
-    if meta.kind == "detector":
-        print(f"Wrote {args.output}: {meta.source['origin']} with a {a.describe()} trunk ({args.input})")
-    else:
-        print(f"Wrote {args.output}: {a.describe()} from {result.format} ({args.input})")
-    print(f"Input convention: {i.describe()}; STRIDE_IN_1X1 {a.stride_in_1x1}")
-    if result.dropped:
-        print(f"Left out (ImageNet classifier): {', '.join(result.dropped)}")
-    print("\nSet these config keys:")
-    width = max(len(k) for k, _ in pairs)
-    opts = format_opts(pairs)
-    for k, v in zip(opts[0::2], opts[1::2]):
-        print(f"  {k.ljust(width)}  {v}")
-    print("\nor append them to a command line:")
-    config = "<the detector's config>.yaml" if meta.kind == "detector" else "configs/Base-ResNeXt-FPN.yaml"
-    print(f"  python tools/train_net.py --config-file {config} \\\n    " + " ".join(shlex.quote(o) for o in opts))
-    if args.config_out:
-        header = (
-            f"Written by tools/convert_pretrained.py from {os.path.basename(args.input)} ({result.format}).\n"
-            f"Weights: {a.describe()}; input: {i.describe()}.\n"
-            f"Use: python tools/train_net.py --config-file {args.config_out}"
-        )
-        atomic_write_text(args.config_out, config_yaml(pairs, base=base, header=header))
-        print(f"\nWrote {args.config_out}" + (f" (_BASE_: {base})" if base else " (no _BASE_: merge it after a base config)"))
-    return 0
-
-
 def main(argv=None) -> int:
+    """The tool on ``argv`` (default ``sys.argv[1:]``); returns its exit status."""
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
@@ -210,7 +117,7 @@ def main(argv=None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    return run_tool(lambda: run(args), "convert_pretrained.py")
+    return run_tool(lambda: convert_pretrained.main(args, root=ROOT), "convert_pretrained.py")
 
 
 if __name__ == "__main__":
