@@ -40,7 +40,7 @@ import portalocker
 import torch
 from tqdm import tqdm
 
-from ..utils.io import atomic_open
+from ..utils.io import atomic_open, remove_stale_folders
 from .convert import ConversionError, convert_weights, save_converted
 from .names import WeightsSource, WeightsSourceError, is_source_name, named_sources, resolve_source
 from .readers import CheckpointReadError, key_family, read_weights_file
@@ -307,9 +307,7 @@ def fetch_weights(name: str, *, progress: bool = True, what: str = "") -> str:
         folder = os.path.dirname(paths["download"])
         os.makedirs(folder, exist_ok=True)
         stale = f".{src.filename}.tmp-"
-        for entry in os.listdir(folder):  # left by a killed process (we hold the lock)
-            if entry.startswith(stale):
-                shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+        remove_stale_folders(folder, stale)  # left by a killed process (we hold the lock)
         staging = tempfile.mkdtemp(prefix=stale, dir=folder)
         try:
             tmp = os.path.join(staging, src.filename)

@@ -50,6 +50,7 @@ import numpy as np
 from detectron2.data.catalog import Metadata
 
 from ..errors import ConfigError
+from ..utils.io import remove_stale_folders
 from .shapes_draw import IMAGE_SIZE, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, SHAPES_CLASSES, render_image
 
 __all__ = [
@@ -203,11 +204,7 @@ def _root_lock(root: str):
 
 def _clean_stale(root: str) -> None:
     parent, name = os.path.split(os.path.abspath(root))
-    if not os.path.isdir(parent):
-        return
-    for entry in os.listdir(parent):
-        if entry.startswith(f".{name}.tmp-") or entry.startswith(f".{name}.old-"):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    remove_stale_folders(parent, f".{name}.tmp-", f".{name}.old-")
 
 
 def _matches(marker: Optional[dict], num_train: int, num_val: int, seed: int) -> bool:

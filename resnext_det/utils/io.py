@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from typing import IO, Any, Callable, Iterator
 
@@ -25,6 +26,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "finite",
+    "remove_stale_folders",
     "remove_stale_temporaries",
     "file_sha256",
 ]
@@ -108,6 +110,18 @@ def remove_stale_temporaries(folder: str) -> int:
                 os.unlink(os.path.join(folder, name))
                 n += 1
     return n
+
+
+def remove_stale_folders(parent: str, *prefixes: str) -> None:
+    """Remove the folders in ``parent`` whose names start with one of ``prefixes``: the
+    staging folders (``tempfile.mkdtemp(prefix=...)``) of writers killed before their
+    rename. Files with those names are left alone. Only call it where no other process
+    stages into ``parent`` (e.g. under a lock)."""
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        if entry.startswith(prefixes):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def file_sha256(path: str) -> str:
