@@ -115,3 +115,61 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(reason)
     with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
         yield cluster
+
+
+# --- the weights tests' (tests/test_checkpoint_*.py) converted backbone and zoo detector ----
+@pytest.fixture(scope="module")
+def tv26(tmp_path_factory):
+    """A depth-26, C=4, d=4 torchvision ResNeXt, saved and converted."""
+    from weights_helpers import convert_to, tv_resnext
+
+    d = tmp_path_factory.mktemp("tv26")
+    model = tv_resnext()
+    torch.save(model.state_dict(), d / "tv26.pth")
+    r = convert_to(d / "tv26.pth", d / "tv26-d2.pth")
+    return model, d, r
+
+
+@pytest.fixture(scope="module")
+def zoo_detector(tmp_path_factory):
+    """Detectron2's own mask_rcnn_X_101_32x8d_FPN_3x, tiny (depth 50, C=2, d=4),
+    random weights and FrozenBN statistics, saved as Detectron2's model zoo saves
+    its files (a pickle of numpy arrays with "__author__")."""
+    import pickle
+
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from weights_helpers import TINY_HEADS
+
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x.yaml"))
+    cfg.merge_from_list([
+        "MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.NUM_GROUPS", 2, "MODEL.RESNETS.WIDTH_PER_GROUP", 4,
+        "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 32, *TINY_HEADS,
+    ])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+        # Heads with large weights: well separated scores, so that predictions are stable.
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("cls_score", "objectness_logits")):
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "weight" in name else 0.1))
+    d = tmp_path_factory.mktemp("zoo")
+    path = d / "model_final_tiny.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()},
+                     "__author__": "Detectron2 Model Zoo"}, f)
+    return cfg, model, path
+
+
+@pytest.fixture(scope="module")
+def bgr_image():
+    return torch.randint(0, 256, (3, 96, 128), generator=torch.Generator().manual_seed(2)).float()

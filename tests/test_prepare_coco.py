@@ -1,6 +1,7 @@
 # Copyright (c) resnext_det contributors. Licensed under the Apache License 2.0.
 """datasets/prepare_coco.py --check on fake COCO trees: present, missing, corrupt,
-wrong-count and incomplete cases, the dataset groups, and no network use."""
+wrong-count and incomplete cases, the dataset groups, and no network use; --verify-images names
+the images training would skip."""
 import importlib.util
 import json
 import os
@@ -11,6 +12,8 @@ import sys
 import pytest
 
 from resnext_det.data import coco_check
+
+from reliability_helpers import ROOT, _images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,3 +208,21 @@ def test_command_line_exit_status(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 1
     assert "instances_valminusminival2014.json" in out.stdout and "NOT READY" in out.stdout
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.slow  # subprocesses, several seconds: left out of `make mutants`
+def test_prepare_coco_finds_the_images_training_would_skip(tmp_path):
+    val = tmp_path / "coco" / "val2017"
+    val.mkdir(parents=True)
+    good, cut, noise, deep = _images(val)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "datasets", "prepare_coco.py"), "--check", "--root", str(tmp_path),
+         "--datasets", "coco_2017_val", "--verify-images"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    unreadable = [line for line in r.stdout.splitlines() if "UNREADABLE" in line]
+    assert sorted(os.path.basename(line.split(": ")[0].split()[-1]) for line in unreadable) == [
+        "cut.jpg", "deep.png", "noise.jpg"]
+    assert "3 image(s) that training would skip" in r.stdout

@@ -280,7 +280,7 @@ def test_convert_pretrained_ends_a_weights_name_error_like_every_tool(tmp_path):
     line = one_line(r.stderr, "convert_pretrained.py")
     assert line.startswith("convert_pretrained.py: error: 'torchvision://resnext51_32x4d': torchvision has no model"), line
     # A name it knows is not a file to convert: it says where the name goes and what to download.
-    from test_convert_pretrained import run_tool as convert
+    from weights_helpers import run_tool as convert
 
     p = convert("torchvision://resnext50_32x4d.IMAGENET1K_V1", tmp_path / "out.pth", check=False)
     assert p.returncode == 2 and "set MODEL.WEIGHTS torchvision://resnext50_32x4d.IMAGENET1K_V1" in p.stderr, p.stderr

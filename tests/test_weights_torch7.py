@@ -23,7 +23,7 @@ from resnext_det.checkpoint.layout import trunk_spec
 from resnext_det.checkpoint.verify import reference_features
 from resnext_det.modeling.resnext import ResNeXt
 
-from test_convert_pretrained import (
+from weights_helpers import (
     STAGES,
     TOL,
     detector_cfg,
@@ -604,7 +604,7 @@ def test_torchvision_and_timm_references_take_any_classifier(tmp_path, monkeypat
 
     from torchvision.models.resnet import Bottleneck, ResNet
 
-    from test_convert_pretrained import randomize_bn
+    from weights_helpers import randomize_bn
 
     torch.manual_seed(3)
     tv = randomize_bn(ResNet(Bottleneck, [1, 1, 1, 1], groups=2, width_per_group=4, num_classes=10), 3).eval()

@@ -15,7 +15,7 @@ from resnext_det import add_resnext_config
 from resnext_det.checkpoint import ResNeXtCheckpointer, WeightsConfigError
 from resnext_det.engine import Trainer
 
-from test_convert_pretrained import ROOT, run_tool, tv_resnext
+from weights_helpers import ROOT, run_tool, tv_resnext
 
 TINY = [
     "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001",

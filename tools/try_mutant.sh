@@ -3,7 +3,7 @@
 # (docs/testing.md), e.g. while writing the test that should kill a survivor:
 #
 #   tools/try_mutant.sh resnext_det.checkpoint.convert.x_convert_detector__mutmut_30 \
-#       tests/test_convert_pretrained.py -k detector
+#       tests/test_checkpoint_convert.py -k detector
 #
 # Needs mutmut's copy (mutants/, made by `make mutants`); works in a private copy of it
 # with the current tests/ (new tests included), so a `make mutants` running beside it is
