@@ -354,3 +354,25 @@ def test_each_concept_is_spelled_once():
                 found["[::2]"].append(f"{where}:{node.lineno}")
     wrong = {k: v for k, v in found.items() if len(v) > 1}
     assert not wrong, wrong
+
+
+def test_architecture_doc_walks_train_net_through_existing_files_once():
+    """docs/architecture.md's data path of tools/train_net.py names files that exist, each
+    once; its layer drawing names every unit of LAYERS."""
+    doc = open(os.path.join(ROOT, "docs", "architecture.md")).read()
+    path = doc.split("## The data path", 1)[1].split("\n## ", 1)[0]
+    steps = re.findall(r"^\d+\. (.*?)(?=^\d+\. |\Z)", path, re.M | re.S)
+    named = []
+    for step in steps:
+        head = re.findall(r"`((?:resnext_det|tools)/[\w/]+\.py)`", step)
+        assert head, step
+        folder = os.path.dirname(head[0])
+        # "(with `a.py`, `b.py`)" and bare `b.py` after a path: files of the same folder
+        named += head + [f"{folder}/{f}" for f in re.findall(r"`(\w+\.py)`", step)]
+    assert len(steps) > 20
+    assert [f for f in named if not os.path.isfile(os.path.join(ROOT, f))] == []
+    assert sorted({f for f in named if named.count(f) > 1}) == []
+    drawing = doc.split("```", 2)[1]
+    for _, units in LAYERS:
+        for unit in units - {"demo"}:
+            assert unit in drawing, unit

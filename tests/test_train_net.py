@@ -78,3 +78,44 @@ def test_bad_input_ends_with_one_line_naming_the_fix(tmp_path, opts, names):
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(env, RESNEXT_DET_TRACEBACK="1"))
     assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_ctrl_c_inside_an_appendix_b_stage_names_the_stage_and_its_checkpoint(tmp_path):
+    """Ctrl-C in the trainer of stage 3 says the stage by number and name, the iteration, and
+    the checkpoint the rerun resumes from; Ctrl-C outside a stage's trainer says that finished
+    stages are skipped (the words written here by hand, from docs/appendix_b.md)."""
+    from detectron2.engine import TrainerBase
+
+    from resnext_det.cli import train_net
+    from resnext_det.engine.setup import read_cfg
+
+    cfg = read_cfg(os.path.join(ROOT, "configs/COCO-Detection/faster_rcnn_X_101_32x4d_C4_appendixB.yaml"),
+                   ["OUTPUT_DIR", str(tmp_path)])
+    stage3 = tmp_path / "stage3_fast_rcnn"
+    stage3.mkdir()
+    (stage3 / "model_0000009.pth").write_bytes(b"x")
+    (stage3 / "last_checkpoint").write_text("model_0000009.pth")
+    args = train_net.argument_parser().parse_args(["--config-file", "x.yaml"])
+
+    class StageTrainer(TrainerBase):
+        def __init__(self, folder):
+            super().__init__()
+            self.cfg = read_cfg(os.path.join(ROOT, "configs/COCO-Detection/faster_rcnn_X_101_32x4d_C4_appendixB.yaml"),
+                                ["OUTPUT_DIR", str(folder)])
+            self.iter, self.max_iter = 12, 40
+
+        def run_step(self):
+            raise KeyboardInterrupt
+
+    try:
+        StageTrainer(stage3).run_step()
+    except KeyboardInterrupt as e:
+        stopped = train_net._interruption(e, cfg, args)
+    assert stopped.where == "in stage 3 (fast_rcnn) at iteration 12 of 40"
+    assert stopped.how == ("rerun the same command to continue: finished stages are skipped, and stage 3 "
+                           f"resumes from {stage3 / 'model_0000009.pth'}")
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+        outside = train_net._interruption(e, cfg, args)
+    assert (outside.where, outside.how) == ("", "rerun the same command to continue: finished stages are skipped")

@@ -7,7 +7,6 @@ cannot be downloaded) before Detectron2's ``default_setup`` logs the environment
 and the whole config: the line that ends such a run is the only thing it prints.
 """
 import argparse
-import logging
 import multiprocessing
 import os
 import signal
@@ -26,9 +25,9 @@ from ..data import check_datasets
 from ..data.custom import add_register_coco_argument, check_num_classes, register_coco_datasets
 from ..engine.setup import read_cfg, setup_logging, setup_run
 from ..engine.trainer import Trainer
-from ..errors import ConfigError, Interrupted, UserError
+from ..errors import ConfigError, Interrupted
 from ..inference import build_inference_model
-from ..unshared import STAGE_DIRS, STAGES, run_schedule
+from ..unshared import SCHEDULE, STAGE_DIRS, STAGES, run_schedule
 from .launch import add_cluster_arguments, check_shared_output_dir, launch_main, log_placement
 from .tool import interrupted_trainer, last_checkpoint, traceback_frames
 
@@ -129,11 +128,11 @@ def _interruption(error: KeyboardInterrupt, cfg, args: argparse.Namespace) -> In
     at += " (evaluating)" if evaluating and at else ""
     if cfg.UNSHARED.ENABLED:
         folder = getattr(getattr(trainer, "cfg", None), "OUTPUT_DIR", "")
-        names = {d: s for s, d in STAGE_DIRS.items()}
-        stage = names.get(os.path.basename(os.path.normpath(folder))) if folder else None
-        if stage is None:
+        by_folder = {st.folder: st for st in SCHEDULE}
+        st = by_folder.get(os.path.basename(os.path.normpath(folder))) if folder else None
+        if st is None:
             return Interrupted("", "rerun the same command to continue: finished stages are skipped")
-        k = STAGES.index(stage) + 1
+        k, stage = st.number, st.name
         ckpt = last_checkpoint(folder)
         resumes = f"resumes from {ckpt}" if ckpt else "starts again (no checkpoint was saved yet)"
         return Interrupted(
