@@ -37,3 +37,54 @@ def test_cuda_without_a_gpu_runs_on_the_cpu_and_says_so(caplog):
     with caplog.at_level(logging.WARNING):
         cfg = setup_cfg(CONFIG, ["MODEL.DEVICE", "cuda"])
     assert cfg.MODEL.DEVICE == "cpu" and "no CUDA device" in caplog.text
+
+
+def test_a_trainer_has_one_checkpointer_which_saves_and_loads_the_weights(tmp_path, monkeypatch):
+    """One checkpointer per Trainer (issue #23: there were three: Detectron2's, replaced in
+    build_hooks, and another one to load MODEL.WEIGHTS), and it is ours: strict loading of
+    MODEL.WEIGHTS, whole files, the solver recorded."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from resnext_det.checkpoint import ResNeXtCheckpointer
+
+    made = []
+    original = DetectionCheckpointer.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DetectionCheckpointer, "__init__", counted)
+    cfg = setup_cfg(CONFIG, TINY + ["OUTPUT_DIR", str(tmp_path / "first"), "SOLVER.MAX_ITER", "1"])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert made == ["ResNeXtCheckpointer"]
+    assert isinstance(trainer.checkpointer, ResNeXtCheckpointer)
+    assert {"solver", "resnext_det"} <= set(trainer.checkpointer.checkpointables)
+    # Its weights load into a second trainer's model through that trainer's one checkpointer.
+    made.clear()
+    weights = str(tmp_path / "first" / "model_final.pth")
+    second = Trainer(setup_cfg(CONFIG, TINY + ["OUTPUT_DIR", str(tmp_path / "second"), "MODEL.WEIGHTS", weights]))
+    second.resume_or_load(resume=False)
+    assert made == ["ResNeXtCheckpointer"]
+    state = torch.load(weights, weights_only=True)["model"]
+    key = "backbone.bottom_up.stem.conv1.weight"
+    assert torch.equal(second.model.state_dict()[key], state[key])
+
+
+def test_a_run_starts_by_removing_what_killed_writes_left_in_its_folders(tmp_path):
+    """The one clean-up of a run (issue #23: the Trainer and the schedule each had one):
+    OUTPUT_DIR and its folders (the Appendix B stage folders), on the run's start."""
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "run"
+    (out / "stage1_rpn").mkdir(parents=True)
+    left = [out / ".model_final.pth.tmp-ab12", out / "stage1_rpn" / ".model_0000009.pth.tmp-x1y2"]
+    kept = [out / "model_final.pth", out / "stage1_rpn" / "last_checkpoint"]
+    for f in left + kept:
+        f.write_bytes(b"x")
+    args = default_argument_parser().parse_args(["--config-file", CONFIG])
+    setup_cfg(CONFIG, TINY + ["OUTPUT_DIR", str(out)], args=args)
+    assert [f.exists() for f in left] == [False, False]
+    assert [f.exists() for f in kept] == [True, True]
