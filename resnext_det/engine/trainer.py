@@ -4,6 +4,7 @@ import contextlib
 import functools
 import os
 from typing import List, Optional
+from unittest import mock
 
 import torch
 
@@ -39,7 +40,7 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode):
         # The solver as configured, before Detectron2 scales it to the world size.
         self._solver_record = SolverRecord(cfg)
-        with _cpu_ddp(cfg), _our_checkpointer(cfg):
+        with _detectron2_parts(cfg):
             super().__init__(cfg)
         if cfg.SOLVER.AMP.ENABLED:
             # Detectron2's AMPTrainer is CUDA-only; autocast on CPU (bf16) or CUDA
@@ -200,30 +201,17 @@ def _plain(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-@contextlib.contextmanager
-def _our_checkpointer(cfg: CfgNode):
-    """DefaultTrainer's constructor creates a plain DetectionCheckpointer; the trainer's
-    one checkpointer is a :class:`ResNeXtCheckpointer` of ``cfg`` (strict loading, whole
-    files), created there instead. Patched for the constructor's duration."""
-    original = _d2_defaults.DetectionCheckpointer
-    _d2_defaults.DetectionCheckpointer = functools.partial(ResNeXtCheckpointer, cfg=cfg)
-    try:
-        yield
-    finally:
-        _d2_defaults.DetectionCheckpointer = original
-
-
-@contextlib.contextmanager
-def _cpu_ddp(cfg: CfgNode):
-    """DefaultTrainer wraps the model in DistributedDataParallel with
-    ``device_ids=[local rank]``, which PyTorch refuses for a CPU model; CPU
-    processes need ``device_ids=None``. Patched for the constructor's duration."""
-    if torch.device(cfg.MODEL.DEVICE).type != "cpu":
-        yield
-        return
-    original = _d2_defaults.create_ddp_model
-    _d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
-    try:
-        yield
-    finally:
-        _d2_defaults.create_ddp_model = original
+def _detectron2_parts(cfg: CfgNode) -> contextlib.ExitStack:
+    """Two parts DefaultTrainer's constructor builds, replaced for its duration: its
+    DetectionCheckpointer by a :class:`ResNeXtCheckpointer` of ``cfg`` (strict loading,
+    whole files: the trainer's one checkpointer), and, for a CPU model, the
+    DistributedDataParallel wrapper's ``device_ids=[local rank]`` (which PyTorch refuses
+    for a CPU model) by ``device_ids=None``."""
+    parts = contextlib.ExitStack()
+    parts.enter_context(
+        mock.patch.object(_d2_defaults, "DetectionCheckpointer", functools.partial(ResNeXtCheckpointer, cfg=cfg))
+    )
+    if torch.device(cfg.MODEL.DEVICE).type == "cpu":
+        ddp = functools.partial(_d2_defaults.create_ddp_model, device_ids=None)
+        parts.enter_context(mock.patch.object(_d2_defaults, "create_ddp_model", ddp))
+    return parts
