@@ -355,11 +355,11 @@ def test_a_finished_stage_counts_only_when_its_outputs_load_fast(tmp_path):
 def test_the_schedule_is_four_records_and_the_names_and_folders_are_views_of_them():
     """Appendix B's four stages, typed in by hand: their order, folders (what a finished run left
     on disk must still be found) and the network config each trains or is marked with."""
-    assert [(st.number, st.name, st.folder, st.network) for st in SCHEDULE] == [
-        (1, "rpn", "stage1_rpn", "rpn"),
-        (2, "proposals", "stage2_proposals", "rpn"),
-        (3, "fast_rcnn", "stage3_fast_rcnn", "fast_rcnn"),
-        (4, "eval", "stage4_eval", "fast_rcnn"),
+    assert [(st.number, st.name, st.folder, st.network, st.trains) for st in SCHEDULE] == [
+        (1, "rpn", "stage1_rpn", "rpn", True),
+        (2, "proposals", "stage2_proposals", "rpn", False),
+        (3, "fast_rcnn", "stage3_fast_rcnn", "fast_rcnn", True),
+        (4, "eval", "stage4_eval", "fast_rcnn", False),
     ]
     assert STAGES == ("rpn", "proposals", "fast_rcnn", "eval")
     assert STAGE_DIRS == {"rpn": "stage1_rpn", "proposals": "stage2_proposals",

@@ -119,3 +119,25 @@ def test_ctrl_c_inside_an_appendix_b_stage_names_the_stage_and_its_checkpoint(tm
     except KeyboardInterrupt as e:
         outside = train_net._interruption(e, cfg, args)
     assert (outside.where, outside.how) == ("", "rerun the same command to continue: finished stages are skipped")
+
+
+def test_the_schedule_checks_model_weights_only_for_training_stages_without_a_checkpoint(tmp_path):
+    """MODEL.WEIGHTS is what stages 1 and 3 start from: a run that resumes both (or the one
+    asked for with --stage) does not need it; stages 2 and 4 train nothing."""
+    from resnext_det.cli import train_net
+    from resnext_det.engine.setup import read_cfg
+
+    cfg = read_cfg(os.path.join(ROOT, "configs/COCO-Detection/faster_rcnn_X_101_32x4d_C4_appendixB.yaml"),
+                   ["OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", str(tmp_path / "imagenet.pth")])
+
+    def loads(*flags):
+        return train_net._loads_weights(cfg, train_net.argument_parser().parse_args(["--config-file", "x.yaml", *flags]))
+
+    assert loads() and loads("--stage", "rpn") and loads("--stage", "fast_rcnn")
+    assert not loads("--stage", "proposals") and not loads("--stage", "eval")
+    (tmp_path / "stage1_rpn").mkdir()
+    (tmp_path / "stage1_rpn" / "last_checkpoint").write_text("model_0000009.pth")
+    assert not loads("--stage", "rpn") and loads() and loads("--stage", "fast_rcnn")
+    (tmp_path / "stage3_fast_rcnn").mkdir()
+    (tmp_path / "stage3_fast_rcnn" / "last_checkpoint").write_text("model_0000009.pth")
+    assert not loads()

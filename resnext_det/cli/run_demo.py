@@ -35,7 +35,7 @@ from ..errors import ConfigError, Interrupted
 from ..inference import Predictor
 from ..plots import plot_loss_curves
 from ..pretrain import STAGE0_DIR, read_pretrain_marker
-from ..unshared import STAGES, read_stage_marker
+from ..unshared import SCHEDULE, STAGES, read_stage_marker
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..visualize import instances_to_draw, write_image
 from .tool import INTERRUPT_NOTE_ENV, INTERRUPTED_EXIT
@@ -225,7 +225,7 @@ def collect_results(cfg) -> Dict[str, Any]:
         "stored_proposals_bbox": stored,
         "proposal_recall": {k: v for k, v in proposals.items() if k.startswith("AR") and "@100" in k},
         "stage_seconds": {s: markers[s].get("seconds") for s in STAGES},
-        "iterations": {s: markers[s]["results"].get("max_iter") for s in ("rpn", "fast_rcnn")},
+        "iterations": {st.name: markers[st.name]["results"].get("max_iter") for st in SCHEDULE if st.trains},
     }
 
 

@@ -27,7 +27,7 @@ from ..engine.setup import read_cfg, setup_logging, setup_run
 from ..engine.trainer import Trainer
 from ..errors import ConfigError, Interrupted
 from ..inference import build_inference_model
-from ..unshared import SCHEDULE, STAGE_DIRS, STAGES, run_schedule
+from ..unshared import SCHEDULE, STAGES, run_schedule
 from .launch import add_cluster_arguments, check_shared_output_dir, launch_main, log_placement
 from .tool import interrupted_trainer, last_checkpoint, traceback_frames
 
@@ -58,8 +58,8 @@ def _loads_weights(cfg, args: argparse.Namespace) -> bool:
         return False
     if args.eval_only or not cfg.UNSHARED.ENABLED:
         return not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")))
-    stages = [s for s in ("rpn", "fast_rcnn") if getattr(args, "stage", None) in (None, s)]
-    return any(not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, STAGE_DIRS[s], "last_checkpoint")) for s in stages)
+    stages = [st for st in SCHEDULE if st.trains and getattr(args, "stage", None) in (None, st.name)]
+    return any(not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, st.folder, "last_checkpoint")) for st in stages)
 
 
 def _check_weights(cfg, args: argparse.Namespace) -> None:

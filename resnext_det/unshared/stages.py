@@ -72,6 +72,8 @@ class Stage:
     #: the network config (``"rpn"`` or ``"fast_rcnn"`` of :func:`stage_configs`) that it
     #: trains or uses, and whose keys its marker records (:func:`config_identity`)
     network: str
+    #: whether it trains that network (in its folder, resuming from the folder's last checkpoint)
+    trains: bool
     #: ``UNSHARED.*`` keys (prefixes) that change what it computes; the other ``UNSHARED``
     #: keys are settings of other stages
     unshared_keys: Tuple[str, ...]
@@ -341,14 +343,14 @@ def _stage_eval(cfg, cfgs, force: bool) -> Dict[str, Any]:
 # The schedule: the four records, and the views of them
 # ----------------------------------------------------------------------------
 SCHEDULE: Tuple[Stage, ...] = (
-    Stage(1, "rpn", "stage1_rpn", network="rpn", unshared_keys=(),
+    Stage(1, "rpn", "stage1_rpn", network="rpn", trains=True, unshared_keys=(),
           run=_stage_rpn, outputs=_rpn_outputs, whole=_loads, plan=report.rpn_plan),
-    Stage(2, "proposals", "stage2_proposals", network="rpn", unshared_keys=("UNSHARED.PROPOSALS.",),
+    Stage(2, "proposals", "stage2_proposals", network="rpn", trains=False, unshared_keys=("UNSHARED.PROPOSALS.",),
           run=_stage_proposals, outputs=_proposals_outputs, whole=_proposal_file_whole,
           plan=report.proposals_plan),
-    Stage(3, "fast_rcnn", "stage3_fast_rcnn", network="fast_rcnn", unshared_keys=(),
+    Stage(3, "fast_rcnn", "stage3_fast_rcnn", network="fast_rcnn", trains=True, unshared_keys=(),
           run=_stage_fast_rcnn, outputs=_fast_rcnn_outputs, whole=_loads, plan=report.fast_rcnn_plan),
-    Stage(4, "eval", "stage4_eval", network="fast_rcnn", unshared_keys=("UNSHARED.EVAL_END_TO_END",),
+    Stage(4, "eval", "stage4_eval", network="fast_rcnn", trains=False, unshared_keys=("UNSHARED.EVAL_END_TO_END",),
           run=_stage_eval, outputs=_eval_outputs, whole=_parses, plan=report.eval_plan),
 )  # fmt: skip
 STAGE_BY_NAME: Dict[str, Stage] = {st.name: st for st in SCHEDULE}
