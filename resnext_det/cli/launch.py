@@ -210,7 +210,13 @@ def _worker(
             raise  # run_tool prints it
         if comm.get_local_rank() == 0:
             print(f"{os.path.basename(sys.argv[0]) or 'resnext_det'}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
+        # Leave at once, as after a dead peer: the interpreter's exit could tear down gloo's
+        # threads while the other processes leave too and abort ("terminate called without
+        # an active exception"), which the launcher reports as a process killed by SIGABRT
+        # instead of the user error's exit status. Nothing is left to save before a user error.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(USER_ERROR_EXIT)
     except Exception as e:
         line = _peer_failure(e, timeout_min)
         if line is None:
