@@ -349,7 +349,7 @@ def _demo(cwd, *args, env=None):
 def fine_tuned_run(tmp_path_factory):
     import cv2
     import torch
-    from detectron2.layers import FrozenBatchNorm2d
+    from weights_helpers import frozen_bn_as_trained
     from detectron2.modeling import build_model
 
     from resnext_det.data.shapes import render_image
@@ -374,12 +374,7 @@ def fine_tuned_run(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():  # a trained model's FrozenBN statistics and spread-out class scores
-        for m in model.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
+        frozen_bn_as_trained(model)
         model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.08)
     torch.save({"model": model.state_dict()}, run / "model_final.pth")
     return base

@@ -21,7 +21,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import GeneralizedRCNN, build_backbone, build_model
 
@@ -32,6 +31,8 @@ from resnext_det.data.shapes import render_image
 from resnext_det.engine import setup_cfg
 from resnext_det.errors import UserError
 from resnext_det.presets import PRESETS
+
+from weights_helpers import frozen_bn_as_trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,12 +97,7 @@ def _write_trained_like(cfg, path):
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
+        frozen_bn_as_trained(model)
         head = getattr(model, "head", None)
         if head is not None:  # RetinaNet: its std-0.01 init scores every anchor alike (ties)
             for conv in head.modules():

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from detectron2.config import get_cfg
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
 from resnext_det import add_resnext_config
@@ -46,6 +47,18 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
             m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.5)
             m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model
+
+
+def frozen_bn_as_trained(model: nn.Module) -> nn.Module:
+    """A trained model's FrozenBN statistics and affine values (a fresh detector has 0/1,
+    which fold to nothing), drawn from torch's global generator; call under no_grad."""
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
     return model
 
 
