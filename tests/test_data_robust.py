@@ -7,7 +7,8 @@ import pytest
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from resnext_det.data.robust import SkipUnreadableImages, training_dataset_dicts, unusable_boxes
+from resnext_det.data.checks import unusable_boxes
+from resnext_det.data.robust import SkipUnreadableImages, training_dataset_dicts
 from resnext_det.engine import setup_cfg
 
 from reliability_helpers import CONFIG, TINY, _images

@@ -35,7 +35,6 @@ from detectron2.data.detection_utils import SizeMismatchError, check_metadata_co
 from ..evaluation import FastCOCOEvaluator
 from ..utils.io import atomic_write_json
 from .checks import SHOWN, box_problems, check_image_file, dataset_errors, drop_missing_images
-from .checks import unusable_boxes  # noqa: F401  (defined here before; tests import it from here)
 
 __all__ = [
     "SkipUnreadableImages",
